@@ -1,0 +1,120 @@
+"""ModelConfig: one dataclass describes every architecture acornlm builds.
+
+Field names follow Hugging Face (`hidden_size`, `num_key_value_heads`, ...) so a config
+maps onto a transformers `config.json` without renaming. The last group of fields picks
+the family: GPT-2 is `norm=layernorm, mlp=gelu, position=learned, bias=True`; the
+Llama / Qwen3 / MiniMind family is `norm=rmsnorm, mlp=swiglu, position=rope`, with
+`qk_norm=True` for Qwen3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+from acornlm.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Shape and family of the Transformer.
+
+    Args:
+        vocab_size: Number of token ids (must cover the tokenizer's vocabulary); 0 = the tokenizer's size.
+        hidden_size: Width of the residual stream (d_model).
+        intermediate_size: Width of the feed-forward hidden layer.
+        num_hidden_layers: Number of Transformer blocks.
+        num_attention_heads: Query heads per attention layer.
+        num_key_value_heads: Key/value heads; fewer than query heads means grouped-query attention (GQA).
+            0 means "same as num_attention_heads".
+        head_dim: Width of one head; 0 means hidden_size // num_attention_heads.
+        max_position_embeddings: Longest sequence the model accepts (context length).
+        rope_theta: RoPE base frequency (10000 for Llama 2, 1e6 for Qwen3/MiniMind).
+        norm_eps: Epsilon inside LayerNorm / RMSNorm.
+        tie_word_embeddings: Share the input embedding matrix with the output head.
+        dropout: Dropout on attention weights and residual branches (0 for pretraining small data-rich runs).
+        norm: "rmsnorm" (Llama family) or "layernorm" (GPT-2 family).
+        mlp: "swiglu" (gate/up/down, Llama family) or "gelu" (up/down, GPT-2 family).
+        position: "rope" (rotary, rotate_half convention) or "learned" (absolute embeddings, GPT-2).
+        qk_norm: RMSNorm on each query and key head before RoPE (Qwen3).
+        attention_bias: Bias on the q/k/v/o projections (GPT-2: true; Llama: false).
+        mlp_bias: Bias on the feed-forward projections (GPT-2: true; Llama: false).
+        norm_bias: Bias in LayerNorm (ignored for RMSNorm).
+        initializer_range: Standard deviation of the normal weight initialisation.
+    """
+
+    vocab_size: int = 6400
+    hidden_size: int = 512
+    intermediate_size: int = 1408
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 0
+    head_dim: int = 0
+    max_position_embeddings: int = 2048
+    rope_theta: float = 1e6
+    norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    dropout: float = 0.0
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    position: Literal["rope", "learned"] = "rope"
+    qk_norm: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    norm_bias: bool = True
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not self.num_key_value_heads:
+            self.num_key_value_heads = self.num_attention_heads
+        if not self.head_dim and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject shapes that cannot work, with the reason, before any tensor is allocated."""
+        if not isinstance(self.vocab_size, int) or self.vocab_size < 0:
+            raise ConfigError(f"model.vocab_size must be >= 0 (0 = the tokenizer's size), got {self.vocab_size!r}")
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}; pick sizes where "
+                "hidden_size % num_attention_heads == 0"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"model.num_key_value_heads={self.num_key_value_heads} does not divide "
+                f"model.num_attention_heads={self.num_attention_heads}; each KV head must serve "
+                "a whole group of query heads"
+            )
+        if self.position == "rope" and self.head_dim % 2:
+            raise ConfigError(f"RoPE needs an even head_dim, got model.head_dim={self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu"), "position": ("rope", "learned")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def family(self) -> str:
+        """"gpt2" for learned-position LayerNorm models, "qwen3" with QK-norm, else "llama"."""
+        if self.position == "learned":
+            return "gpt2"
+        return "qwen3" if self.qk_norm else "llama"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,265 @@
+"""One configurable decoder-only Transformer for the GPT-2 and the Llama/Qwen3/MiniMind families.
+
+Read top to bottom: norms, rotary positions, attention, feed-forward, a block, the model.
+Parameter names are Hugging Face Llama/Qwen3's (`model.layers.0.self_attn.q_proj.weight`,
+`model.layers.0.mlp.gate_proj.weight`, `model.norm.weight`, `lm_head.weight`), so a
+checkpoint of the Llama family is a transformers checkpoint without renaming.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from acornlm.errors import ConfigError
+from acornlm.model.config import ModelConfig
+from acornlm.model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019): y = x / sqrt(mean(x^2) + eps) * weight."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.norm_bias)
+
+
+def rope_frequencies(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE (Su et al. 2021) angles: angle[p, i] = p * theta^(-2i/d), repeated for both halves.
+
+    Returns cos and sin of shape [max_positions, head_dim] in float32.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] on the two halves of the last dim (the HF / NeoX convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding: x * cos(p·θ) + rotate_half(x) * sin(p·θ)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention softmax(Q K^T / sqrt(d)) V with a causal mask, grouped-query KV heads,
+    optional QK-norm and RoPE, and an optional KV cache for generation."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer_idx, k, v)
+        if past == 0:
+            mask, is_causal = None, seq > 1  # plain causal attention over the new tokens
+        elif seq == 1:
+            mask, is_causal = None, False  # one new token sees every cached position
+        else:  # several new tokens after a cached prefix: token i sees positions <= past + i
+            total = past + seq
+            mask = torch.ones(seq, total, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            is_causal = False
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)) (Shazeer 2020), or GELU MLP: down(gelu(up(x))) (GPT-2)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        bias = config.mlp_bias
+        self.gated = config.mlp == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x += attn(norm(x)); x += mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = make_norm(config, config.hidden_size)
+        self.self_attn = CausalSelfAttention(config, layer_idx)
+        self.post_attention_layernorm = make_norm(config, config.hidden_size)
+        self.mlp = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, cache))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class DecoderStack(nn.Module):
+    """Embeddings, the blocks and the final norm: HF's `model.` prefix."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.position == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = make_norm(config, config.hidden_size)
+
+
+class Transformer(nn.Module):
+    """The language model: token ids [B, T] -> next-token logits [B, T, vocab]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        if config.vocab_size == 0:
+            raise ConfigError("model.vocab_size is 0 (auto); set it to the tokenizer's size before building")
+        self.config = config
+        self.model = DecoderStack(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_rope()
+        self.reset_parameters()
+
+    def init_rope(self) -> None:
+        """(Re)compute the RoPE cos/sin tables; they are derived, so checkpoints do not store them."""
+        c = self.config
+        if c.position == "rope":
+            device = self.lm_head.weight.device
+            device = "cpu" if device.type == "meta" else device
+            cos, sin = rope_frequencies(c.head_dim, c.max_position_embeddings, c.rope_theta)
+            self.register_buffer("rope_cos", cos.to(device), persistent=False)
+            self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02) everywhere, residual output projections scaled by
+        1/sqrt(2·layers) so the residual stream's variance does not grow with depth; zero biases."""
+        std = self.config.initializer_range
+        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits for every position; with a cache, the new tokens continue the cached ones."""
+        _, seq = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if start + seq > self.config.max_position_embeddings:
+            raise ConfigError(
+                f"sequence of {start + seq} tokens is longer than "
+                f"model.max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        x = self.model.embed_tokens(input_ids)
+        rope = None
+        if self.config.position == "learned":
+            positions = torch.arange(start, start + seq, device=input_ids.device)
+            x = x + self.model.embed_positions(positions)
+        else:
+            rope = (self.rope_cos[start:start + seq].to(x.dtype), self.rope_sin[start:start + seq].to(x.dtype))
+        x = self.model.dropout(x)
+        for layer in self.model.layers:
+            x = layer(x, rope, cache)
+        if cache is not None:
+            cache.advance(seq)
+        return self.lm_head(self.model.norm(x))
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        """Distinct parameters (a tied embedding/head matrix counts once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (PaLM appendix B, as nanoGPT's estimate_mfu): 6N + 12·L·H·Q·T.
+
+        N counts the matrices that multiply (the output head included, the embedding lookups
+        excluded), L layers, H heads, Q head dim, T sequence length.
+        """
+        n = self.num_params()
+        stack = self.model
+        if hasattr(stack, "embed_positions"):
+            n -= stack.embed_positions.weight.numel()
+        if not self.config.tie_word_embeddings:
+            n -= stack.embed_tokens.weight.numel()
+        c = self.config
+        return 6 * n + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+
+    def new_cache(self, batch_size: int, max_length: int | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """A preallocated KV cache for `batch_size` sequences of up to `max_length` tokens."""
+        c = self.config
+        param = self.lm_head.weight
+        return KVCache(
+            num_layers=c.num_hidden_layers, batch_size=batch_size, num_kv_heads=c.num_key_value_heads,
+            head_dim=c.head_dim, max_length=max_length or c.max_position_embeddings,
+            dtype=dtype or param.dtype, device=param.device,
+        )

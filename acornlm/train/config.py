@@ -1,0 +1,90 @@
+"""TrainConfig: every knob of a training run, with its default and meaning (shown by --help)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from acornlm.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, evaluation, checkpointing and logging of a run.
+
+    Args:
+        max_steps: Optimizer steps to run (the cosine schedule decays over these).
+        max_minutes: Wall-clock budget in minutes; 0 = none. When reached, the run evaluates, saves and stops cleanly.
+        batch_size: Sequences per micro-batch on each process.
+        seq_len: Tokens per sequence (the context length trained on).
+        grad_accum_steps: Micro-batches accumulated per optimizer step. Global batch = batch_size x grad_accum_steps x world size.
+        learning_rate: Peak learning rate reached after warmup.
+        min_lr: Final learning rate at the end of the cosine decay.
+        warmup_steps: Steps of linear warmup from 0 to learning_rate.
+        weight_decay: AdamW decoupled weight decay, applied to matrices only (not norms, biases).
+        beta1: AdamW first-moment decay.
+        beta2: AdamW second-moment decay.
+        adam_eps: AdamW epsilon.
+        grad_clip: Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged).
+        eval_interval: Evaluate validation loss every this many steps (and at the end); 0 = only at the end.
+        eval_batches: Micro-batches of validation data per evaluation.
+        save_interval: Save a checkpoint every this many steps (and at the end); 0 = only at the end.
+        keep_last: Number of most recent step checkpoints to keep (the best one is kept as well).
+        log_interval: Append a line to metrics.jsonl every this many steps.
+        seed: Seed for python, numpy and torch (and the data order).
+        device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N" or "mps".
+        dtype: "auto" (bf16 autocast on CUDA when supported, fp16 with a GradScaler otherwise, fp32 on CPU), "float32", "bfloat16" or "float16".
+        compile: Compile the model with torch.compile.
+        max_bad_steps: Stop with an error after this many consecutive NaN/inf losses (each is skipped and counted).
+        tensorboard: Also write TensorBoard event files in the run directory (needs the tensorboard extra).
+        wandb: Also log to Weights & Biases in offline mode (needs the wandb extra).
+        progress: Show a progress bar.
+    """
+
+    max_steps: int = 1000
+    max_minutes: float = 0.0
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum_steps: int = 1
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_interval: int = 200
+    eval_batches: int = 20
+    save_interval: int = 500
+    keep_last: int = 2
+    log_interval: int = 10
+    seed: int = 1337
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    compile: bool = False
+    max_bad_steps: int = 5
+    tensorboard: bool = False
+    wandb: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("max_steps", "batch_size", "seq_len", "grad_accum_steps", "eval_batches",
+                    "keep_last", "log_interval", "max_bad_steps")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "eval_interval", "save_interval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise ConfigError(
+                f"train.min_lr={self.min_lr} must be between 0 and train.learning_rate={self.learning_rate}")
+        if self.max_minutes < 0:
+            raise ConfigError(f"train.max_minutes must be >= 0, got {self.max_minutes}")
