@@ -6,7 +6,7 @@ become option groups, so every field can be set as `--section.field value` or fr
 with `--config FILE`.
 
 Before jsonargparse sees the command line, `normalize_argv` adds a few conveniences:
-`--vocab-size` means `--vocab_size`; `--input a b c` collects several values; a bare boolean
+`acornlm data fetch NAME` means `--name NAME`; `--vocab-size` means `--vocab_size`; `--input a b c` collects several values; a bare boolean
 flag such as `--resume` means `--resume true`; and `--config NAME` / `--model NAME` accept a
 preset name (see `acornlm/presets/`). Every `AcornError` ends as one line on stderr and exit 2.
 """
@@ -28,6 +28,9 @@ def normalize_argv(argv: list[str]) -> list[str]:
     """Rewrite the conveniences described in the module docstring into jsonargparse syntax."""
     from acornlm.presets import load_preset, preset_path
 
+    argv = list(argv)
+    if argv[:2] == ["data", "fetch"] and len(argv) > 2 and not argv[2].startswith("-"):
+        argv.insert(2, "--name")  # `acornlm data fetch shakespeare`
     out: list[str] = []
     i = 0
     while i < len(argv):

@@ -1,0 +1,38 @@
+"""Model FLOPs utilisation: achieved training FLOP/s divided by a *measured* matmul peak.
+
+MFU (PaLM, appendix B) = flops_per_token x tokens_per_second / peak_flops. Vendor peaks are
+meaningless on a laptop CPU, so the peak is measured here: the best rate of a large square
+matmul in the training dtype on the training device.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+
+@functools.lru_cache(maxsize=8)
+def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32,
+                        size: int = 2048, repeats: int = 5) -> float:
+    """Best observed FLOP/s of an n x n @ n x n matmul (2·n^3 FLOPs each) on this device."""
+    dev = torch.device(device)
+    a = torch.randn(size, size, device=dev, dtype=dtype)
+    b = torch.randn(size, size, device=dev, dtype=dtype)
+    out = torch.empty(size, size, device=dev, dtype=dtype)
+    torch.matmul(a, b, out=out)  # warm up kernels and caches
+    best = float("inf")
+    for _ in range(repeats):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        start = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, peak_flops: float) -> float:
+    return flops_per_token * tokens_per_second / peak_flops
