@@ -58,8 +58,8 @@ def estimate_steps(model_config: ModelConfig, train_config: TrainConfig, minutes
 
 
 def sample_all(lm, prompts: tuple[str, ...], max_new_tokens: int, seed: int) -> dict[str, str]:
-    return {p: lm.generate(p, max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed)
-            for p in prompts}
+    return {p: lm.generate(p, max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed + i)
+            for i, p in enumerate(prompts)}
 
 
 def print_samples(title: str, samples: dict[str, str]) -> None:

@@ -1,1 +1,19 @@
-"""acornlm.train"""
+"""Training: one generic loop (`trainer.Trainer`) and the stages that feed it.
+
+    config.py         TrainConfig: every knob of a run
+    trainer.py        the loop: accumulation, clipping, schedule, eval, metrics, checkpoints, DDP, NaN skips
+    pretrain.py       the pretraining stage: TokenLoader batches + next-token cross-entropy
+    optim.py          AdamW with weight decay on matrices only
+    schedule.py       linear warmup + cosine decay
+    precision.py      device and dtype selection (autocast, GradScaler)
+    distributed.py    torchrun / process group helpers
+    checkpointing.py  atomic checkpoints, `latest` / `best` pointers, train_state.pt
+    metrics.py        metrics.jsonl, TensorBoard / wandb, the loss-curve PNG
+    mfu.py            model FLOPs utilisation against a measured matmul peak
+
+A new stage (SFT, DPO, LoRA) supplies a batch source and a loss function and reuses the Trainer.
+"""
+
+from acornlm.train.config import TrainConfig
+
+__all__ = ["TrainConfig"]

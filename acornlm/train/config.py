@@ -14,7 +14,7 @@ class TrainConfig:
 
     Args:
         max_steps: Optimizer steps to run (the cosine schedule decays over these).
-        max_minutes: Wall-clock budget in minutes; 0 = none. When reached, the run evaluates, saves and stops cleanly.
+        max_minutes: Wall-clock budget in minutes of this invocation (a resumed run gets a fresh budget); 0 = none. When reached, the run evaluates, saves and stops cleanly.
         batch_size: Sequences per micro-batch on each process.
         seq_len: Tokens per sequence (the context length trained on).
         grad_accum_steps: Micro-batches accumulated per optimizer step. Global batch = batch_size x grad_accum_steps x world size.
@@ -35,7 +35,7 @@ class TrainConfig:
         device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N" or "mps".
         dtype: "auto" (bf16 autocast on CUDA when supported, fp16 with a GradScaler otherwise, fp32 on CPU), "float32", "bfloat16" or "float16".
         compile: Compile the model with torch.compile.
-        max_bad_steps: Stop with an error after this many consecutive NaN/inf losses (each is skipped and counted).
+        max_bad_steps: Steps in a row that may be skipped for a NaN/inf loss or gradient norm (each is counted in metrics); one more stops the run with an error, leaving the last checkpoint intact.
         tensorboard: Also write TensorBoard event files in the run directory (needs the tensorboard extra).
         wandb: Also log to Weights & Biases in offline mode (needs the wandb extra).
         progress: Show a progress bar.

@@ -1,0 +1,480 @@
+"""The training loop every stage shares.
+
+A stage (pretraining now; SFT, DPO, LoRA later) hands the Trainer three things:
+
+    model      an acornlm Transformer (float32 weights: the masters the optimizer updates)
+    batches    an object with  batch(step, micro_step) -> this rank's micro-batch,
+               eval_batch(i) -> validation batch i (the same on every rank: the Trainer shares
+               the indices out), tokens_per_step (global, all ranks) and optionally
+               tokens_per_byte (of the validation split, for bits per byte)
+    loss_fn    loss_fn(model, batch) -> scalar loss, the mean over the micro-batch's tokens; it
+               gets the model as wrapped for training (DDP, torch.compile), so it should only
+               call it, and `model.training` tells training from evaluation
+
+and the Trainer does the rest: device and precision, seeding, torch.compile, DDP, gradient
+accumulation, clipping, the learning-rate schedule, evaluation, metrics, checkpoints, the
+time budget and NaN/inf handling. Batches must be a pure function of (step, micro_step), so
+the data position saved in a checkpoint is just the step and resuming is exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from acornlm.errors import AcornError, CheckpointError
+from acornlm.model import Transformer
+from acornlm.train.checkpointing import (
+    capture_rng_state,
+    checkpoint_name,
+    checkpoints_root,
+    load_train_state,
+    mark_best,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+)
+from acornlm.train.config import TrainConfig
+from acornlm.train.distributed import (
+    DistributedContext,
+    all_reduce_mean,
+    all_reduce_sum,
+    any_rank,
+    broadcast_flag,
+    log,
+)
+from acornlm.train.metrics import LOSS_CURVE_FILE, METRICS_FILE, MetricsLog, plot_loss_curve, read_metrics
+from acornlm.train.mfu import measure_matmul_peak
+from acornlm.train.optim import build_optimizer
+from acornlm.train.precision import Precision, select_device, select_precision
+from acornlm.train.schedule import learning_rate_at
+
+TRAIN_STATE_VERSION = 1
+
+
+class TrainingDivergedError(AcornError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+class BatchSource(Protocol):
+    """What a stage supplies: deterministic training and evaluation batches."""
+
+    tokens_per_step: int
+
+    def batch(self, step: int, micro_step: int) -> Any: ...  # this rank's slice
+
+    def eval_batch(self, index: int) -> Any: ...  # rank-independent
+
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global generators (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """A batch (tensor, or tuple/list/dict of them) on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: move_to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to_device(value, device) for value in batch)
+    return batch
+
+
+def perplexity(loss: float) -> float:
+    """Perplexity = exp(cross-entropy in nats); inf instead of an overflow."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def bits_per_byte(loss: float, tokens_per_byte: float) -> float:
+    """Bits per byte = loss / ln 2 * tokens / bytes: comparable across tokenizers."""
+    return loss / math.log(2) * tokens_per_byte
+
+
+@dataclass
+class Progress:
+    """The counters of a run; saved in train_state.pt and restored on resume."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    consecutive_bad_steps: int = 0
+    best_val_loss: float = math.inf
+    last_val_loss: float | None = None
+    elapsed_s: float = 0.0
+
+
+class Trainer:
+    """Runs the optimisation of `model` on `batches` with `loss_fn`; see the module docstring.
+
+    Rank 0 alone prints, writes metrics and checkpoints into `run_dir`. `resume_from` is a
+    checkpoint directory whose weights the caller already loaded into `model`; the Trainer
+    restores the optimizer, scaler, counters and RNG states from its train_state.pt.
+    """
+
+    def __init__(self, model: Transformer, config: TrainConfig, run_dir: str | Path,
+                 batches: BatchSource, loss_fn: LossFn, *,
+                 context: DistributedContext | None = None, device: torch.device | None = None,
+                 tokenizer_dir: str | Path | None = None, checkpoint_info: dict[str, Any] | None = None,
+                 resume_from: str | Path | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.batches = batches
+        self.loss_fn = loss_fn
+        self.context = context or DistributedContext()
+        self.device = device or select_device(config.device, self.context.local_rank)
+        self.precision: Precision = select_precision(self.device, config.dtype)
+        self.tokenizer_dir = tokenizer_dir
+        self.checkpoint_info = checkpoint_info or {}
+        self.progress = Progress()
+        self.last_checkpoint: Path | None = None
+
+        seed_everything(config.seed + self.context.rank)
+        # float32 masters: autocast lowers the precision of the arithmetic, never of the weights.
+        self.raw_model = model.to(device=self.device, dtype=torch.float32)
+        self.eval_model: nn.Module = torch.compile(self.raw_model) if config.compile else self.raw_model
+        self.train_model: nn.Module = self.eval_model
+        if self.context.is_distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.eval_model, device_ids=device_ids)
+        self.optimizer = build_optimizer(self.raw_model, config, self.device)
+        self.scaler = self.precision.grad_scaler()
+        self.resumed = resume_from is not None
+        if resume_from is not None:
+            self._restore(Path(resume_from))
+
+    # --- one optimizer step ---
+
+    def _train_step(self, step: int) -> tuple[float, float, bool]:
+        """Accumulate gradients over the micro-batches, clip, and step unless something is non-finite.
+
+        Returns (mean loss over all micro-batches and ranks, gradient norm before clipping, skipped).
+        """
+        config = self.config
+        accum = config.grad_accum_steps
+        self.train_model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for micro_step in range(accum):
+            batch = move_to_device(self.batches.batch(step, micro_step), self.device)
+            # DDP all-reduces gradients on every backward; only the last micro-step needs it.
+            last = micro_step == accum - 1
+            no_sync = isinstance(self.train_model, DistributedDataParallel) and not last
+            with self.train_model.no_sync() if no_sync else contextlib.nullcontext():
+                with self.precision.autocast():
+                    loss = self.loss_fn(self.train_model, batch)
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += loss.detach().float()
+        mean_loss = all_reduce_mean(loss_sum / accum).item()
+
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm).item()
+        # With a GradScaler an inf gradient is routine (it lowers the scale and skips by itself);
+        # otherwise a non-finite loss or norm would poison the weights, so the step is skipped.
+        bad = not math.isfinite(mean_loss) or (self.scaler is None and not math.isfinite(grad_norm))
+        bad = any_rank(bad, self.device)  # every rank must take the same decision
+        if self.scaler is not None:
+            if not bad:
+                self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif not bad:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return mean_loss, grad_norm, bad
+
+    def _count_bad_step(self, bad: bool) -> None:
+        progress = self.progress
+        if not bad:
+            progress.consecutive_bad_steps = 0
+            return
+        progress.skipped_steps += 1
+        progress.consecutive_bad_steps += 1
+        log(f"step {progress.step}: non-finite loss or gradient norm, optimizer step skipped "
+            f"({progress.consecutive_bad_steps} in a row)", self.context)
+
+    def _check_divergence(self) -> None:
+        progress = self.progress
+        if progress.consecutive_bad_steps <= self.config.max_bad_steps:
+            return
+        if self.last_checkpoint is not None:
+            kept = f"The last good checkpoint {self.last_checkpoint} is intact"
+        else:
+            kept = "No checkpoint had been saved yet"
+        raise TrainingDivergedError(
+            f"{progress.consecutive_bad_steps} steps in a row had a non-finite loss or gradient norm "
+            f"(more than train.max_bad_steps={self.config.max_bad_steps}); stopped at step {progress.step}. "
+            f"{kept}. Lower train.learning_rate, raise train.warmup_steps or set train.grad_clip, "
+            "then resume with --resume.")
+
+    # --- evaluation ---
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss over train.eval_batches batches, with perplexity and bits per byte.
+
+        The ranks share out the batch indices and sum their losses, so the validation set,
+        and hence the number, is the same whatever the world size.
+        """
+        self.eval_model.eval()
+        indices = range(self.context.rank, self.config.eval_batches, self.context.world_size)
+        total = torch.zeros((), device=self.device)
+        for index in indices:
+            batch = move_to_device(self.batches.eval_batch(index), self.device)
+            with self.precision.autocast():
+                total += self.loss_fn(self.eval_model, batch).detach().float()
+        self.eval_model.train()
+        count = torch.tensor(float(len(indices)), device=self.device)
+        total, count = all_reduce_sum(torch.stack([total, count]))
+        val_loss = (total / count).item()
+        result = {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+        tokens_per_byte = getattr(self.batches, "tokens_per_byte", None)
+        if tokens_per_byte:
+            result["val_bpb"] = bits_per_byte(val_loss, tokens_per_byte)
+        return result
+
+    # --- checkpoints ---
+
+    def _train_state(self) -> dict[str, Any]:
+        """Everything besides the weights that an exact resume needs (tensors and plain values only)."""
+        return {
+            "version": TRAIN_STATE_VERSION,
+            **dataclasses.asdict(self.progress),
+            "data_position": self.progress.step,  # batches are a pure function of the step
+            "world_size": self.context.world_size,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": capture_rng_state(),
+        }
+
+    def _checkpoint_info(self, val_loss: float | None) -> dict[str, Any]:
+        """The run information stored next to the model in config.json."""
+        return {
+            **self.checkpoint_info,
+            "step": self.progress.step,
+            "tokens_seen": self.progress.tokens_seen,
+            "val_loss": val_loss,
+            "train": dataclasses.asdict(self.config),
+        }
+
+    def save(self, val_loss: float | None) -> Path:
+        """Save a checkpoint on rank 0 (all ranks call this and learn whether it worked)."""
+        is_best = val_loss is not None and math.isfinite(val_loss) and val_loss < self.progress.best_val_loss
+        if is_best:
+            self.progress.best_val_loss = val_loss
+        path = checkpoints_root(self.run_dir) / checkpoint_name(self.progress.step)
+        error: CheckpointError | None = None
+        if self.context.is_main:
+            try:
+                save_checkpoint(self.run_dir, self.progress.step, self.raw_model, self._train_state(),
+                                self._checkpoint_info(val_loss), self.tokenizer_dir)
+                if is_best:
+                    mark_best(self.run_dir, path)
+                prune_checkpoints(self.run_dir, self.config.keep_last)
+            except CheckpointError as exc:
+                error = exc
+            except OSError as exc:
+                error = CheckpointError(f"saved {path}, but updating the `best` pointer or pruning failed: {exc}")
+        saved = broadcast_flag(error is None, self.device)
+        if error is not None:
+            raise error
+        if not saved:
+            raise CheckpointError("rank 0 could not save a checkpoint; its error message says why")
+        self.last_checkpoint = path
+        return path
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = load_train_state(checkpoint)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            for field in dataclasses.fields(Progress):
+                setattr(self.progress, field.name, state[field.name])
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise CheckpointError(
+                f"{checkpoint}/train_state.pt does not fit this run ({exc}); "
+                "resume with the model it was trained with, or start a new --out") from exc
+        if self.context.is_main:
+            restore_rng_state(state["rng"])
+        else:  # only rank 0's generators are saved; the others get a fresh seed per (rank, step)
+            seed_everything(self.config.seed + self.context.rank + 1_000_003 * self.progress.step)
+        self.last_checkpoint = checkpoint
+        if state["world_size"] != self.context.world_size:
+            log(f"resuming a {state['world_size']}-process run on {self.context.world_size}: the global step "
+                "and tokens seen carry on; the global batch now has the new size", self.context)
+
+    # --- the loop ---
+
+    def _peak_flops(self) -> float:
+        """The measured matmul peak (for MFU), without disturbing the seeded random generators."""
+        size = 4096 if self.device.type == "cuda" else 1024
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            compute = self.precision.compute_dtype or torch.float32
+            return measure_matmul_peak(str(self.device), compute, size=size)
+
+    def _is_due(self, interval: int) -> bool:
+        return interval > 0 and self.progress.step % interval == 0
+
+    def fit(self) -> dict[str, Any]:
+        """Train until train.max_steps (or the time budget); returns a summary of the run."""
+        config, progress = self.config, self.progress
+        metrics = None
+        if self.context.is_main:
+            metrics = MetricsLog(self.run_dir, progress.step if self.resumed else None, config.tensorboard,
+                                 config.wandb, {"train": dataclasses.asdict(config), **self.checkpoint_info})
+        meter = Throughput(self.raw_model.flops_per_token(config.seq_len),
+                           self._peak_flops() * self.context.world_size, progress.elapsed_s)
+        stopped_early = False
+        bar = tqdm(total=config.max_steps, initial=progress.step, unit="step", dynamic_ncols=True,
+                   disable=not (config.progress and self.context.is_main), desc="train")
+        try:
+            if progress.step >= config.max_steps:
+                log(f"already at step {progress.step} (train.max_steps={config.max_steps}); "
+                    "raise --train.max_steps to train longer", self.context)
+            while progress.step < config.max_steps:
+                record, ends_run, out_of_time = self._step_and_record(meter)
+                timing = meter.window_stats()
+                if metrics is not None and (self._is_due(config.log_interval) or "val_loss" in record or ends_run):
+                    metrics.write(record | timing)
+                    meter.reset_window()
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{timing['tokens_per_s']:,.0f}", mfu=f"{timing['mfu']:.1%}", refresh=False)
+                self._check_divergence()
+                if self._is_due(config.save_interval) or ends_run:
+                    self.save(record.get("val_loss"))
+                if out_of_time and progress.step < config.max_steps:
+                    stopped_early = True
+                    log(f"time budget of train.max_minutes={config.max_minutes} reached at step "
+                        f"{progress.step}; evaluated and saved", self.context)
+                    break
+        finally:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+        if self.context.is_main:
+            plot_loss_curve(read_metrics(self.run_dir / METRICS_FILE), self.run_dir / LOSS_CURVE_FILE)
+        return self._summary(meter, stopped_early)
+
+    def _step_and_record(self, meter: Throughput) -> tuple[dict[str, Any], bool, bool]:
+        """One optimizer step at the scheduled learning rate, plus evaluation when it is due.
+
+        Returns the step's metrics record, whether the run ends after this step (last step,
+        time up, or diverged), and whether the time budget ran out (rank 0's clock decides).
+        """
+        config, progress = self.config, self.progress
+        lr = learning_rate_at(progress.step, config.learning_rate, config.min_lr, config.warmup_steps,
+                              config.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        loss, grad_norm, bad = self._train_step(progress.step)
+        meter.add(self.batches.tokens_per_step, time.perf_counter() - started)
+        progress.step += 1
+        progress.tokens_seen += self.batches.tokens_per_step
+        progress.elapsed_s = meter.elapsed_s()
+        self._count_bad_step(bad)
+
+        out_of_time = config.max_minutes > 0 and meter.run_wall_s() >= config.max_minutes * 60
+        out_of_time = broadcast_flag(out_of_time, self.device)
+        last = progress.step >= config.max_steps or out_of_time
+        diverged = progress.consecutive_bad_steps > config.max_bad_steps
+        record: dict[str, Any] = {
+            "step": progress.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_seen": progress.tokens_seen, "skipped_steps": progress.skipped_steps,
+        }
+        if not diverged and (self._is_due(config.eval_interval) or last):
+            record.update(self.evaluate())
+            progress.last_val_loss = record["val_loss"]
+        return record, last or diverged, out_of_time
+
+    def _summary(self, meter: Throughput, stopped_early: bool) -> dict[str, Any]:
+        progress = self.progress
+        val_loss = progress.last_val_loss
+        tokens_per_byte = getattr(self.batches, "tokens_per_byte", None)
+        return {
+            "params": self.raw_model.num_params(),
+            "steps": progress.step,
+            "tokens_seen": progress.tokens_seen,
+            "tokens_per_s": meter.run_tokens_per_s(),
+            "mfu": meter.run_mfu(),
+            "val_loss": val_loss,
+            "val_ppl": perplexity(val_loss) if val_loss is not None else None,
+            "val_bpb": bits_per_byte(val_loss, tokens_per_byte) if val_loss is not None and tokens_per_byte
+            else None,
+            "skipped_steps": progress.skipped_steps,
+            "wall_time_s": meter.run_wall_s(),
+            "stopped_early": stopped_early,
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "run_dir": str(self.run_dir),
+            "rank": self.context.rank,
+        }
+
+
+class Throughput:
+    """Tokens per second and MFU, over the current logging window and over this invocation.
+
+    Only the time spent in training steps counts, not evaluation or checkpoint saving.
+    MFU (PaLM appendix B) = flops_per_token x tokens/s / peak FLOP/s of all devices.
+    """
+
+    def __init__(self, flops_per_token: float, peak_flops: float, elapsed_before_s: float) -> None:
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.elapsed_before_s = elapsed_before_s  # earlier invocations of a resumed run
+        self.started = time.perf_counter()
+        self.run_tokens, self.run_time = 0, 0.0
+        self.window_tokens, self.window_time = 0, 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.run_tokens += tokens
+        self.run_time += seconds
+        self.window_tokens += tokens
+        self.window_time += seconds
+
+    def reset_window(self) -> None:
+        self.window_tokens, self.window_time = 0, 0.0
+
+    def tokens_per_s(self) -> float:
+        return self.window_tokens / self.window_time if self.window_time else 0.0
+
+    def mfu(self) -> float:
+        return self.flops_per_token * self.tokens_per_s() / self.peak_flops
+
+    def run_tokens_per_s(self) -> float:
+        return self.run_tokens / self.run_time if self.run_time else 0.0
+
+    def run_mfu(self) -> float:
+        return self.flops_per_token * self.run_tokens_per_s() / self.peak_flops
+
+    def run_wall_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    def elapsed_s(self) -> float:
+        return self.elapsed_before_s + self.run_wall_s()
+
+    def window_stats(self) -> dict[str, float]:
+        """The timing fields of a metrics line (the ones a resumed run cannot reproduce)."""
+        return {"tokens_per_s": self.tokens_per_s(), "mfu": self.mfu(), "elapsed_s": self.elapsed_s()}
