@@ -32,6 +32,7 @@ demo: venv
 
 test: torch
 	$(PIP) install --quiet -e ".[dev]"
+	@if [ -f tests/setup_browser.sh ]; then bash tests/setup_browser.sh; fi
 	$(PY) -m pytest -q
 
 lint: torch

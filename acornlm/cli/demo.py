@@ -84,7 +84,7 @@ def write_summary(path: Path, model_config: ModelConfig, train_config: TrainConf
         f"| MFU (vs measured matmul peak) | {fmt(summary.get('mfu'), '.1%')} |",
         f"| final val loss | {fmt(summary.get('val_loss'))} |",
         f"| final val bits per byte | {fmt(summary.get('val_bpb'))} |",
-        f"| wall time | {fmt(summary.get('wall_seconds'), '.0f')} s |",
+        f"| wall time | {fmt(summary.get('wall_time_s'), '.0f')} s |",
         "", "![loss curve](run/loss_curve.png)", "",
         "## Model", "", "```json", json.dumps(model_config.to_dict(), indent=2), "```", "",
         "## Training", "", "```json", json.dumps(dataclasses.asdict(train_config), indent=2), "```", "",
