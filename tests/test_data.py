@@ -365,8 +365,8 @@ def test_tokenizer_mismatch_names_both_tokenizers(tmp_path):
     meta = read_meta(write_dataset(tmp_path / "d", {"train": np.arange(50), "val": np.arange(50)}, "a" * 64))
     check_tokenizer(meta, "a" * 64, tmp_path / "d", "runs/x")  # same tokenizer: no error
     with pytest.raises(DataError, match=r"data in .*d was prepared with a bpe tokenizer of 65536 tokens "
-                                        r"\(fingerprint aaaaaaaaaaaa\), but the model uses the tokenizer "
-                                        r"from runs/x \(fingerprint bbbbbbbbbbbb\)"):
+                                        r"\(fingerprint aaaaaaaaaaaaaaaa\), but the model uses the tokenizer "
+                                        r"from runs/x \(fingerprint bbbbbbbbbbbbbbbb\)"):
         check_tokenizer(meta, "b" * 64, tmp_path / "d", "runs/x")
 
 

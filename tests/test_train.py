@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from acornlm.checkpoint import load_model
 from acornlm.cli import main
-from acornlm.errors import CheckpointError, ConfigError
+from acornlm.errors import CheckpointError, ConfigError, DataError
 from acornlm.model import ModelConfig, Transformer
 from acornlm.presets import load_preset
 from acornlm.train import checkpointing
@@ -336,7 +336,7 @@ def test_resume_refuses_other_tokenizer_and_changed_model(pretrain_run, prepared
     model, train = tiny_preset()
     data_fp = json.loads((other_prepared_data / "meta.json").read_text())["tokenizer"]["fingerprint"]
     ckpt_fp = json.loads((prepared_data / "meta.json").read_text())["tokenizer"]["fingerprint"]
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(DataError) as info:
         run_pretrain(other_prepared_data, out, model, train, resume=True)
     assert data_fp[:16] in str(info.value) and ckpt_fp[:16] in str(info.value)
 

@@ -54,9 +54,9 @@ def check_tokenizer(meta: dict[str, Any], fingerprint: str, data_dir: str | Path
         info = meta["tokenizer"]
         raise DataError(
             f"data in {data_dir} was prepared with a {info.get('kind')} tokenizer of {info.get('vocab_size')} tokens "
-            f"(fingerprint {str(expected)[:12]}), but the model uses the tokenizer from {tokenizer_source} "
-            f"(fingerprint {fingerprint[:12]}); prepare the data again with --tokenizer {tokenizer_source}, "
-            f"or train with --tokenizer {Path(data_dir) / 'tokenizer'}"
+            f"(fingerprint {str(expected)[:16]}), but the model uses the tokenizer from {tokenizer_source} "
+            f"(fingerprint {fingerprint[:16]}); prepare the data again with "
+            f"`acornlm data prepare --tokenizer {tokenizer_source} ...`"
         )
 
 

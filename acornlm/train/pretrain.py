@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from acornlm.checkpoint import load_model, read_checkpoint_config
-from acornlm.data.loader import TokenLoader, read_meta
+from acornlm.data.loader import TokenLoader, check_tokenizer, read_meta
 from acornlm.data.prepare import TOKENIZER_SUBDIR
-from acornlm.errors import CheckpointError, ConfigError, DataError
+from acornlm.errors import CheckpointError, ConfigError
 from acornlm.model import ModelConfig, Transformer
 from acornlm.tokenizer import Tokenizer, load_tokenizer
 from acornlm.train import distributed
@@ -104,12 +104,8 @@ def changed_model_fields(requested: ModelConfig, saved: ModelConfig) -> list[str
 def check_tokenizer_matches(checkpoint: Path, info: dict[str, Any], meta: dict[str, Any], data_dir: Path) -> None:
     """Token ids only mean something with the tokenizer that made them: refuse mixed pairs."""
     saved = (info.get("tokenizer") or {}).get("fingerprint")
-    current = meta["tokenizer"]["fingerprint"]
-    if saved is not None and saved != current:
-        raise ConfigError(
-            f"{data_dir} was prepared with tokenizer {current[:16]}, but checkpoint {checkpoint} was trained "
-            f"with tokenizer {saved[:16]} (data dir {info.get('data', 'unknown')}); resume with the data "
-            "prepared by the checkpoint's tokenizer, or start a new run with --out")
+    if saved is not None:
+        check_tokenizer(meta, saved, data_dir, str(checkpoint))
 
 
 def read_data(data_dir: Path) -> tuple[dict[str, Any], Tokenizer, Path]:
@@ -117,11 +113,7 @@ def read_data(data_dir: Path) -> tuple[dict[str, Any], Tokenizer, Path]:
     meta = read_meta(data_dir)
     tokenizer_dir = data_dir / TOKENIZER_SUBDIR
     tokenizer = load_tokenizer(tokenizer_dir)
-    expected = meta["tokenizer"]["fingerprint"]
-    if tokenizer.fingerprint != expected:
-        raise DataError(
-            f"{tokenizer_dir} (fingerprint {tokenizer.fingerprint[:16]}) is not the tokenizer named in "
-            f"{data_dir / 'meta.json'} ({expected[:16]}); prepare the data again")
+    check_tokenizer(meta, tokenizer.fingerprint, data_dir, str(tokenizer_dir))
     return meta, tokenizer, tokenizer_dir
 
 
