@@ -36,6 +36,7 @@ def test_fetch_name_is_positional():
 
 def test_presets_resolve_to_files_and_model_sections():
     out = normalize_argv(["train", "pretrain", "--config", "tiny", "--model", "minimind2-small"])
+    assert normalize_argv(["import", "hf", "--model", "tiny"])[3] == "tiny"  # a path, not a preset
     assert out[3] == str(preset_path("tiny"))
     assert json.loads(out[5])["hidden_size"] == 512
     # a path that is not a preset name passes through untouched

@@ -62,7 +62,7 @@ def normalize_argv(argv: list[str]) -> list[str]:
             out.extend([name, json.dumps(values)])
         elif name == "--config" and preset_path(values[0]):
             out.extend([name, str(preset_path(values[0]))])
-        elif name == "--model" and preset_path(values[0]):
+        elif name == "--model" and argv[:1] == ["train"] and preset_path(values[0]):
             out.extend([name, json.dumps(load_preset(values[0]).get("model", {}))])
         else:
             out.extend([name, values[0]])
@@ -71,13 +71,15 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 
 def build_commands() -> dict:
-    from acornlm.cli import data, demo, generate, tokenizer, train
+    from acornlm.cli import data, demo, export, generate, importing, tokenizer, train
 
     return {
         "data": {"fetch": data.fetch, "prepare": data.prepare},
         "tokenizer": {"train": tokenizer.train, "stats": tokenizer.stats},
         "train": {"pretrain": train.pretrain},
         "generate": generate.generate,
+        "export": {"hf": export.hf, "gguf": export.gguf},
+        "import": {"hf": importing.hf},
         "demo": demo.demo,
     }
 
