@@ -24,6 +24,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert "before training" in err and "after training" in err
     summary = (out / "summary.md").read_text()
     assert "final val bits per byte" in summary and "Before training" in summary
+    assert "verified with transformers" in summary and (out / "hf" / "config.json").is_file()
     assert (out / "run" / "loss_curve.png").stat().st_size > 0
     assert (out / "data" / "meta.json").is_file()
     # the trained checkpoint loads through the public API

@@ -69,7 +69,7 @@ def print_samples(title: str, samples: dict[str, str]) -> None:
 
 
 def write_summary(path: Path, model_config: ModelConfig, train_config: TrainConfig, summary: dict[str, Any],
-                  before: dict[str, str], after: dict[str, str]) -> None:
+                  before: dict[str, str], after: dict[str, str], export: str = "") -> None:
     """A short markdown report card of the run."""
     def fmt(value: Any, spec: str = ".4f") -> str:
         return "n/a" if value is None else format(value, spec)
@@ -86,6 +86,7 @@ def write_summary(path: Path, model_config: ModelConfig, train_config: TrainConf
         f"| final val bits per byte | {fmt(summary.get('val_bpb'))} |",
         f"| wall time | {fmt(summary.get('wall_time_s'), '.0f')} s |",
         "", "![loss curve](run/loss_curve.png)", "",
+        "## Export", "", "```", export or "not exported", "```", "",
         "## Model", "", "```json", json.dumps(model_config.to_dict(), indent=2), "```", "",
         "## Training", "", "```json", json.dumps(dataclasses.asdict(train_config), indent=2), "```", "",
         "## Samples (temperature 0.8, top-k 50)", "",
@@ -96,13 +97,23 @@ def write_summary(path: Path, model_config: ModelConfig, train_config: TrainConf
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
+def export_for_transformers(run_dir: Path, hf_dir: Path) -> str:
+    """Export the trained model with acornlm.export.hf; verification needs transformers (the export extra)."""
+    from acornlm.export.hf import describe_export, export_hf
+
+    report = describe_export(export_hf(run_dir, hf_dir, force=True))
+    say(report)
+    return report
+
+
 def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo", vocab_size: int = 4096,
          corpus: str | None = None, device: str = "auto", max_new_tokens: int = 160, seed: int = 1337) -> dict:
     """Run the whole pipeline on the embedded Shakespeare corpus (what `make demo` does).
 
     Fetches the corpus, trains a byte-level BPE tokenizer, prepares the data, prints samples from
     the untrained model, pretrains for MINUTES of wall clock, prints samples from the same prompts
-    again, and writes OUT/summary.md and OUT/run/loss_curve.png. The corpus, tokenizer and prepared
+    again, exports it to OUT/hf as a transformers model (verified in transformers when it is
+    installed), and writes OUT/summary.md and OUT/run/loss_curve.png. The corpus, tokenizer and prepared
     data in OUT are reused when present; the run in OUT/run is replaced.
 
     Args:
@@ -128,11 +139,11 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    say("[1/6] corpus")
+    say("[1/7] corpus")
     corpus_dir = Path(corpus) if corpus else fetch_shakespeare(out_dir / "corpus")
     train_inputs = [corpus_dir / "train"] if (corpus_dir / "train").is_dir() else [corpus_dir]
 
-    say(f"[2/6] tokenizer: byte-level BPE, {vocab_size} tokens")
+    say(f"[2/7] tokenizer: byte-level BPE, {vocab_size} tokens")
     tok_dir = out_dir / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file() and load_tokenizer(tok_dir).vocab_size == vocab_size:
         tokenizer = load_tokenizer(tok_dir)
@@ -141,7 +152,7 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
         tokenizer = train_tokenizer((d.text for d in iter_documents(train_inputs)), "bpe", vocab_size)
         tokenizer.save(tok_dir)
 
-    say("[3/6] data")
+    say("[3/7] data")
     data_dir = out_dir / "data"
     meta_file = data_dir / "meta.json"
     if not (meta_file.is_file() and json.loads(meta_file.read_text())["tokenizer"]["fingerprint"]
@@ -161,25 +172,27 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
                                        warmup_steps=min(train_config.warmup_steps, max(1, steps // 10)))
     say(f"      {steps} optimizer steps fit in {minutes:g} minutes")
 
-    say("[4/6] samples before training")
+    say("[4/7] samples before training")
     torch.manual_seed(seed)
     untrained = LanguageModel(Transformer(dataclasses.replace(model_config)).eval(), tokenizer)
     before = sample_all(untrained, PROMPTS, max_new_tokens, seed)
     print_samples("before training", before)
 
-    say(f"[5/6] pretraining {preset} for {minutes:g} minutes")
+    say(f"[5/7] pretraining {preset} for {minutes:g} minutes")
     run_dir = out_dir / "run"
     if run_dir.exists():
         say(f"      replacing the previous demo run in {run_dir}")
         shutil.rmtree(run_dir)
     summary = run_pretrain(data_dir, run_dir, model_config, train_config)
 
-    say("[6/6] samples after training")
+    say("[6/7] samples after training")
     lm = LanguageModel.from_checkpoint(run_dir, device="cpu")
     after = sample_all(lm, PROMPTS, max_new_tokens, seed)
     print_samples("after training", after)
 
-    write_summary(out_dir / "summary.md", model_config, train_config, summary, before, after)
+    say("[7/7] export to Hugging Face transformers (verified by loading it back)")
+    export = export_for_transformers(run_dir, out_dir / "hf")
+    write_summary(out_dir / "summary.md", model_config, train_config, summary, before, after, export)
     say(f"\nval loss {summary.get('val_loss')}, val bits/byte {summary.get('val_bpb')}, "
         f"{summary.get('tokens_per_s', 0):,.0f} tokens/s; wrote {out_dir / 'summary.md'} "
         f"in {(time.time() - started) / 60:.1f} minutes")
