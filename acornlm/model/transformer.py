@@ -17,6 +17,7 @@ from torch import nn
 from acornlm.errors import ConfigError
 from acornlm.model.config import ModelConfig
 from acornlm.model.kv_cache import KVCache
+from acornlm.model.ops import Linear
 
 
 class RMSNorm(nn.Module):
@@ -71,10 +72,10 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.dropout = config.dropout
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
@@ -86,6 +87,7 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
@@ -102,7 +104,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(self.layer_idx, k, v)
-        if past == 0:
+        if attention_mask is not None:  # rows of different lengths (continuous batching): the caller's mask
+            mask, is_causal = attention_mask, False
+        elif past == 0:
             mask, is_causal = None, seq > 1  # plain causal attention over the new tokens
         elif seq == 1:
             mask, is_causal = None, False  # one new token sees every cached position
@@ -127,9 +131,9 @@ class FeedForward(nn.Module):
         bias = config.mlp_bias
         self.gated = config.mlp == "swiglu"
         if self.gated:
-            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+            self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
@@ -148,8 +152,9 @@ class DecoderLayer(nn.Module):
         self.mlp = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, cache))
+    def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, cache, attention_mask))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -176,7 +181,7 @@ class Transformer(nn.Module):
             raise ConfigError("model.vocab_size is 0 (auto); set it to the tokenizer's size before building")
         self.config = config
         self.model = DecoderStack(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.init_rope()
@@ -211,25 +216,35 @@ class Transformer(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits for every position; with a cache, the new tokens continue the cached ones."""
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for every position; with a cache, the new tokens continue the cached ones.
+
+        For a batch of sequences of different lengths (continuous batching, see acornlm.infer.engine),
+        the caller passes each row's `positions` [B, T] and a boolean `attention_mask` [B, 1, T, S]
+        (True = may attend), and a cache that stores each row at its own position.
+        """
         _, seq = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if start + seq > self.config.max_position_embeddings:
-            raise ConfigError(
-                f"sequence of {start + seq} tokens is longer than "
-                f"model.max_position_embeddings={self.config.max_position_embeddings}"
-            )
         x = self.model.embed_tokens(input_ids)
         rope = None
-        if self.config.position == "learned":
-            positions = torch.arange(start, start + seq, device=input_ids.device)
+        if positions is None:  # every row continues at the cache's shared length
+            start = cache.length if cache is not None else 0
+            if start + seq > self.config.max_position_embeddings:
+                raise ConfigError(
+                    f"sequence of {start + seq} tokens is longer than "
+                    f"model.max_position_embeddings={self.config.max_position_embeddings}"
+                )
+            if self.config.position == "learned":
+                x = x + self.model.embed_positions(torch.arange(start, start + seq, device=input_ids.device))
+            else:
+                rope = (self.rope_cos[start:start + seq].to(x.dtype), self.rope_sin[start:start + seq].to(x.dtype))
+        elif self.config.position == "learned":
             x = x + self.model.embed_positions(positions)
-        else:
-            rope = (self.rope_cos[start:start + seq].to(x.dtype), self.rope_sin[start:start + seq].to(x.dtype))
+        else:  # one row of angles per sequence, shared by its heads: [B, 1, T, D]
+            rope = (self.rope_cos[positions][:, None].to(x.dtype), self.rope_sin[positions][:, None].to(x.dtype))
         x = self.model.dropout(x)
         for layer in self.model.layers:
-            x = layer(x, rope, cache)
+            x = layer(x, rope, cache, attention_mask)
         if cache is not None:
             cache.advance(seq)
         return self.lm_head(self.model.norm(x))
