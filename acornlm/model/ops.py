@@ -19,6 +19,8 @@ backward, so autograd and torch.compile both see one opaque, differentiable oper
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,10 +92,17 @@ if ONEDNN_AVAILABLE:
     onednn_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+def dynamo_loaded() -> bool:
+    """torch.compile / torch.export import torch._dynamo; asking torch.compiler whether it is
+    compiling would import it too (~2.5 s on first use), so ask only when it is loaded already."""
+    return "torch._dynamo" in sys.modules
+
+
 def is_exporting() -> bool:
     """Tracing for ONNX/TorchScript/torch.export: keep the graph made of standard ops only."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or exporting()
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    return dynamo_loaded() and getattr(torch.compiler, "is_exporting", lambda: False)()
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -101,12 +110,43 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.dtype == weight.dtype == torch.float32 and x.numel() > 0 and not is_exporting())
 
 
+class EagerOneDNNLinear(torch.autograd.Function):
+    """The same product and chain rule as the custom op, for eager training.
+
+    PyTorch's custom-op machinery imports torch._dynamo on its first call (~2.5 s per process),
+    so eager mode, which needs no graph capture, uses this plain autograd.Function instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return onednn_matmul(rows_of(x), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        """dx = dy W, dW = dy^T x, db = sum of dy over tokens."""
+        x, weight = ctx.saved_tensors
+        grad_rows = rows_of(grad_out)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = onednn_matmul(grad_rows, weight.t()).view(*grad_out.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = weight_gradient_rows(grad_rows, rows_of(x))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_rows.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, on oneDNN for fp32 CPU tensors."""
     if not uses_onednn(x, weight):
         return F.linear(x, weight, bias)
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    if dynamo_loaded() and torch.compiler.is_compiling():
         return onednn_linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return EagerOneDNNLinear.apply(x, weight, bias)
     # Inference: call oneDNN directly; decoding runs ~60 small products per token, and the custom
     # op's dispatch would cost about as much as one of them.
     return onednn_matmul(rows_of(x), weight, bias).view(*x.shape[:-1], weight.shape[0])
