@@ -71,12 +71,14 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 
 def build_commands() -> dict:
-    from acornlm.cli import data, demo, export, generate, importing, tokenizer, train
+    from acornlm.cli import data, demo, export, finetune, generate, importing, tokenizer, train
 
     return {
-        "data": {"fetch": data.fetch, "prepare": data.prepare},
+        "data": {"fetch": data.fetch, "prepare": data.prepare, "synth": finetune.synth},
         "tokenizer": {"train": tokenizer.train, "stats": tokenizer.stats},
-        "train": {"pretrain": train.pretrain},
+        "train": {"pretrain": train.pretrain, "sft": finetune.sft},
+        "lora": {"merge": finetune.lora_merge},
+        "eval": {"tasks": finetune.eval_tasks},
         "generate": generate.generate,
         "export": {"hf": export.hf, "gguf": export.gguf},
         "import": {"hf": importing.hf},

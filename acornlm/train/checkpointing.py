@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +123,12 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, train_state: dict[str, Any],
-                    info: dict[str, Any], tokenizer_dir: str | Path | None = None) -> Path:
+                    info: dict[str, Any], tokenizer_dir: str | Path | None = None,
+                    write_model: Callable[..., None] = write_model_files) -> Path:
     """Write `checkpoints/step-NNNNNNN/` atomically and move `latest` to it.
+
+    `write_model(directory, model, info=, tokenizer_dir=)` writes the model files; a stage may
+    swap it (LoRA writes the frozen base weights plus the adapter files).
 
     On any failure the temporary folder is removed and the previous checkpoint and `latest`
     are left as they were; an OSError (full disk, permissions) becomes a CheckpointError.
@@ -138,7 +143,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, train_st
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        write_model_files(tmp, model, info=info, tokenizer_dir=tokenizer_dir)
+        write_model(tmp, model, info=info, tokenizer_dir=tokenizer_dir)
         torch.save(train_state, tmp / TRAIN_STATE_FILE)
         _fsync_tree(tmp)
         if final.exists():  # left by a run that died before moving `latest`; this one replaces it

@@ -9,7 +9,9 @@ A stage (pretraining now; SFT, DPO, LoRA later) hands the Trainer three things:
                tokens_per_byte (of the validation split, for bits per byte)
     loss_fn    loss_fn(model, batch) -> scalar loss, the mean over the micro-batch's tokens; it
                gets the model as wrapped for training (DDP, torch.compile), so it should only
-               call it, and `model.training` tells training from evaluation
+               call it, and `model.training` tells training from evaluation; a loss function
+               with a `pop_metrics(training) -> {name: value}` method adds its own numbers
+               (DPO reward margins, GRPO rewards) to each metrics line
 
 and the Trainer does the rest: device and precision, seeding, torch.compile, DDP, gradient
 accumulation, clipping, the learning-rate schedule, evaluation, metrics, checkpoints, the
@@ -35,6 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from acornlm.checkpoint import write_model_files
 from acornlm.errors import AcornError, CheckpointError
 from acornlm.model import Transformer
 from acornlm.train.checkpointing import (
@@ -129,13 +132,16 @@ class Trainer:
     Rank 0 alone prints, writes metrics and checkpoints into `run_dir`. `resume_from` is a
     checkpoint directory whose weights the caller already loaded into `model`; the Trainer
     restores the optimizer, scaler, counters and RNG states from its train_state.pt.
+    `write_model(directory, model, info=, tokenizer_dir=)` writes the model files of each
+    checkpoint (default: the whole model; LoRA stages pass `lora.write_lora_checkpoint`).
     """
 
     def __init__(self, model: Transformer, config: TrainConfig, run_dir: str | Path,
                  batches: BatchSource, loss_fn: LossFn, *,
                  context: DistributedContext | None = None, device: torch.device | None = None,
                  tokenizer_dir: str | Path | None = None, checkpoint_info: dict[str, Any] | None = None,
-                 resume_from: str | Path | None = None) -> None:
+                 resume_from: str | Path | None = None,
+                 write_model: Callable[..., None] = write_model_files) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
         self.batches = batches
@@ -145,6 +151,7 @@ class Trainer:
         self.precision: Precision = select_precision(self.device, config.dtype)
         self.tokenizer_dir = tokenizer_dir
         self.checkpoint_info = checkpoint_info or {}
+        self.write_model = write_model  # how checkpoints write the model (LoRA: base weights + adapter)
         self.progress = Progress()
         self.last_checkpoint: Path | None = None
 
@@ -247,7 +254,7 @@ class Trainer:
         count = torch.tensor(float(len(indices)), device=self.device)
         total, count = all_reduce_sum(torch.stack([total, count]))
         val_loss = (total / count).item()
-        result = {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+        result = {"val_loss": val_loss, "val_ppl": perplexity(val_loss), **self._stage_metrics(training=False)}
         tokens_per_byte = getattr(self.batches, "tokens_per_byte", None)
         if tokens_per_byte:
             result["val_bpb"] = bits_per_byte(val_loss, tokens_per_byte)
@@ -287,7 +294,7 @@ class Trainer:
         if self.context.is_main:
             try:
                 save_checkpoint(self.run_dir, self.progress.step, self.raw_model, self._train_state(),
-                                self._checkpoint_info(val_loss), self.tokenizer_dir)
+                                self._checkpoint_info(val_loss), self.tokenizer_dir, self.write_model)
                 if is_best:
                     mark_best(self.run_dir, path)
                 prune_checkpoints(self.run_dir, self.config.keep_last)
@@ -404,11 +411,17 @@ class Trainer:
         record: dict[str, Any] = {
             "step": progress.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens_seen": progress.tokens_seen, "skipped_steps": progress.skipped_steps,
+            **self._stage_metrics(training=True),
         }
         if not diverged and (self._is_due(config.eval_interval) or last):
             record.update(self.evaluate())
             progress.last_val_loss = record["val_loss"]
         return record, last or diverged, out_of_time
+
+    def _stage_metrics(self, training: bool) -> dict[str, float]:
+        """The stage's own numbers since the last call, when its loss function keeps any."""
+        pop_metrics = getattr(self.loss_fn, "pop_metrics", None)
+        return pop_metrics(training) if pop_metrics is not None else {}
 
     def _summary(self, meter: Throughput, stopped_early: bool) -> dict[str, Any]:
         progress = self.progress
