@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import acornlm
 from acornlm.checkpoint import load_model
 from acornlm.errors import CheckpointError, ConfigError
 from acornlm.infer.api import LanguageModel
@@ -175,6 +176,8 @@ def test_checkpoint_holds_the_base_and_generation_works_unmerged(tmp_path):
     unmerged_text = LanguageModel(loaded, tokenizer).generate("abc", **greedy)
     assert unmerged_text == LanguageModel(merged, tokenizer).generate("abc", **greedy)
     assert unmerged_text == "z" * 12 != LanguageModel(base, tokenizer).generate("abc", **greedy)
+    # acornlm.load (used by generate, chat, serve and eval) applies the adapter too
+    assert acornlm.load(tmp_path / "ckpt", device="cpu").generate("abc", **greedy) == unmerged_text
 
     with pytest.raises(ConfigError, match="not empty"):
         lora_merge(ckpt=str(tmp_path / "ckpt"), out=str(tmp_path / "merged"))

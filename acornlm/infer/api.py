@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from acornlm.checkpoint import load_model, resolve_checkpoint
+from acornlm.checkpoint import resolve_checkpoint
 from acornlm.errors import CheckpointError, ConfigError
 from acornlm.infer.generate import generate_batch
 from acornlm.infer.sampling import SamplingParams
@@ -74,9 +74,14 @@ class LanguageModel:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto",
                         dtype: str | torch.dtype | None = None) -> LanguageModel:
-        """Load a checkpoint directory (or a run directory's latest checkpoint) for generation."""
+        """Load a checkpoint directory (or a run directory's latest checkpoint) for generation.
+
+        A LoRA checkpoint (adapter_config.json beside the base weights) loads with its adapter, unmerged.
+        """
+        from acornlm.train.lora import load_model_with_adapter
+
         ckpt_dir = resolve_checkpoint(path)
-        model, info = load_model(ckpt_dir, device=resolve_device(device), dtype=resolve_dtype(dtype))
+        model, info = load_model_with_adapter(ckpt_dir, device=resolve_device(device), dtype=resolve_dtype(dtype))
         return cls(model, load_tokenizer(ckpt_dir), info)
 
     @property
