@@ -71,7 +71,7 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 
 def build_commands() -> dict:
-    from acornlm.cli import data, demo, export, finetune, generate, importing, tokenizer, train
+    from acornlm.cli import chat, data, demo, export, finetune, generate, importing, serve, tokenizer, train
 
     return {
         "data": {"fetch": data.fetch, "prepare": data.prepare, "synth": finetune.synth},
@@ -80,6 +80,8 @@ def build_commands() -> dict:
         "lora": {"merge": finetune.lora_merge},
         "eval": {"tasks": finetune.eval_tasks},
         "generate": generate.generate,
+        "chat": chat.chat,
+        "serve": serve.serve,
         "export": {"hf": export.hf, "gguf": export.gguf},
         "import": {"hf": importing.hf},
         "demo": demo.demo,

@@ -1,1 +1,11 @@
-"""acornlm.serve"""
+"""Serving: an OpenAI-compatible HTTP server with continuous batching, and a web chat page.
+
+    app.py        the FastAPI routes (/v1/models, /v1/chat/completions, /v1/completions, /health, /)
+    protocol.py   request bodies (pydantic) and server limits -> SamplingParams
+    errors.py     OpenAI-shaped error responses
+    server.py     load a checkpoint's engine, run uvicorn (or a background server for tests)
+    static/       the chat page (plain HTML/CSS/JS, no build step)
+
+Needs the `serve` extra (`pip install "acornlm[serve]"`: fastapi and uvicorn); nothing is
+imported here so that `import acornlm` works without it.
+"""

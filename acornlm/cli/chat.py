@@ -1,0 +1,170 @@
+"""`acornlm chat`: talk to a checkpoint in the terminal, with streaming replies and a few commands."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
+from typing import TextIO
+
+from acornlm.errors import ConfigError
+
+HELP = """commands:
+  /reset              forget the conversation (the system prompt stays)
+  /set KEY VALUE      change a setting: temperature, top_p, top_k, min_p, max_new_tokens, repetition_penalty,
+                      frequency_penalty, presence_penalty, seed (none = random), system (the system prompt)
+  /show               print the current settings
+  /help               this text
+  /quit               leave (Ctrl-D works too)"""
+
+
+def parse_setting(sampling: dict, key: str, value: str) -> dict:
+    """The sampling settings with `key` set to `value`, converted to the setting's type and validated."""
+    from acornlm.infer.sampling import SamplingParams
+
+    key = {"max_tokens": "max_new_tokens"}.get(key, key)
+    settable = {f.name for f in fields(SamplingParams)} - {"stop", "stop_token_ids", "num_samples"}
+    if key not in settable:
+        raise ConfigError(f"unknown setting {key!r}; settable: {', '.join(sorted(settable))}, system")
+    if key == "seed" and value.lower() in ("none", ""):
+        converted = None
+    elif key in ("seed", "max_new_tokens", "top_k"):
+        converted = _number(key, value, int)
+    else:
+        converted = _number(key, value, float)
+    updated = {**sampling, key: converted}
+    SamplingParams.from_kwargs(**updated)  # validates; raises ConfigError with the allowed range
+    return updated
+
+
+def _number(key: str, value: str, kind: type) -> int | float:
+    try:
+        return kind(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key} needs {'an integer' if kind is int else 'a number'}, got {value!r}") from exc
+
+
+def fit_history(history: list[dict[str, str]], system: str | None, count_tokens, budget: int) -> list[dict[str, str]]:
+    """The conversation to send: the system prompt and the latest turns whose prompt fits in `budget` tokens.
+
+    Old turns are dropped first (a user message with its reply), so the model always sees the newest message.
+    """
+    from acornlm.data.chat import chat_text
+
+    head = [{"role": "system", "content": system}] if system else []
+    kept = list(history)
+    while len(kept) > 2 and count_tokens(chat_text(head + kept, add_generation_prompt=True)) > budget:
+        del kept[:2]
+    return head + kept
+
+
+def chat(
+    ckpt: str | None = None,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    top_p: float = 0.95,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> None:
+    """Chat with a checkpoint in the terminal: multi-turn, streamed replies, /reset, /set KEY VALUE, /quit.
+
+    The conversation is rendered with the ChatML template of the tokenizer (as the server and
+    Hugging Face do); a reply ends at <|im_end|> or <|endoftext|>. When the conversation outgrows
+    the context, the oldest turns are dropped.
+
+    Args:
+        ckpt: Checkpoint directory, or a run directory (its latest checkpoint is used).
+        system: System prompt placed before the conversation.
+        max_new_tokens: Most tokens per reply.
+        temperature: Sampling temperature; 0 = greedy.
+        top_k: Sample only among the k most likely tokens; 0 = no limit.
+        top_p: Nucleus sampling threshold; 1 = off.
+        min_p: Drop tokens less likely than min_p x the most likely one; 0 = off.
+        repetition_penalty: Penalty > 1 on tokens already seen; 1 = off.
+        seed: Random seed of the first reply (later replies use seed + turn number); none = random.
+        device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N" or "mps".
+        dtype: "auto" (as stored in the checkpoint), "float32", "bfloat16" or "float16".
+    """
+    from acornlm.infer.api import LanguageModel
+
+    if ckpt is None:
+        raise ConfigError("--ckpt is required: a checkpoint directory or a run directory")
+    from acornlm.infer.sampling import SamplingParams
+
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    repetition_penalty=repetition_penalty, seed=seed)
+    SamplingParams.from_kwargs(**sampling)  # bad settings fail before the model loads
+    lm = LanguageModel.from_checkpoint(ckpt, device=device, dtype=dtype)
+    run_chat(lm, sampling, system, sys.stdin, sys.stdout)
+
+
+def run_chat(lm, sampling: dict, system: str | None, stdin: TextIO, stdout: TextIO) -> None:
+    """The read-reply loop, on any text streams (so tests can drive it)."""
+    from acornlm.data.chat import IM_END_ID, chat_text, message_problem
+    from acornlm.tokenizer import SPECIAL_TOKENS
+
+    stop_ids = [IM_END_ID, lm.tokenizer.eot_id]
+    context = lm.config.max_position_embeddings
+    history: list[dict[str, str]] = []
+    turn = 0
+    stdout.write("acornlm chat: type a message; /help lists the commands, /quit leaves.\n")
+    while True:
+        stdout.write("\nyou> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line:  # end of input (Ctrl-D)
+            stdout.write("\n")
+            return
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.startswith("/"):
+            command, _, rest = text.partition(" ")
+            if command in ("/quit", "/exit"):
+                return
+            if command == "/reset":
+                history.clear()
+                stdout.write("(conversation cleared)\n")
+            elif command == "/help":
+                stdout.write(HELP + "\n")
+            elif command == "/show":
+                stdout.write(f"system: {system!r}\n" + "".join(f"{k}: {v}\n" for k, v in sampling.items()))
+            elif command == "/set":
+                key, _, value = rest.strip().partition(" ")
+                try:
+                    if key == "system":
+                        system = value or None
+                    else:
+                        sampling = parse_setting(sampling, key, value.strip())
+                    stdout.write(f"({key} = {value.strip() or 'none'})\n")
+                except ConfigError as exc:
+                    stdout.write(f"error: {exc}\n")
+            else:
+                stdout.write(f"unknown command {command}; /help lists the commands\n")
+            continue
+
+        problem = message_problem(history + [{"role": "user", "content": text}], need_assistant=False)
+        if problem:
+            stdout.write(f"error: {problem}\n")
+            continue
+        history.append({"role": "user", "content": text})
+        budget = max(1, context - sampling["max_new_tokens"])
+        messages = fit_history(history, system, lambda s: len(lm.encode(s)), budget)
+        params = dict(sampling, stop_token_ids=stop_ids)
+        if sampling.get("seed") is not None:
+            params["seed"] = sampling["seed"] + turn
+        stdout.write("assistant> ")
+        reply = ""
+        for piece in lm.stream(chat_text(messages, add_generation_prompt=True), **params):
+            reply += piece
+            stdout.write(piece)
+            stdout.flush()
+        stdout.write("\n")
+        for token in SPECIAL_TOKENS:  # a special token in a reply would make the next prompt invalid
+            reply = reply.replace(token, "")
+        history.append({"role": "assistant", "content": reply})
+        turn += 1

@@ -1,0 +1,81 @@
+"""`acornlm serve`: an OpenAI-compatible HTTP server (and a web chat page) for a checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from acornlm.errors import ConfigError
+
+API_KEY_ENV = "ACORNLM_API_KEY"
+
+
+def serve(
+    ckpt: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 16,
+    max_queue: int | None = None,
+    max_context: int = 2048,
+    model_name: str | None = None,
+    max_tokens: int = 2048,
+    max_body_bytes: int = 1_000_000,
+    device: str = "auto",
+    dtype: str = "auto",
+    threads: int = 0,
+) -> None:
+    """Serve a checkpoint over HTTP with the OpenAI API and a chat page at http://HOST:PORT/.
+
+    Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, and the
+    web chat page at /. Concurrent requests are decoded together (continuous batching); requests
+    beyond --max_batch running and --max_queue waiting get HTTP 429.
+
+    Args:
+        ckpt: Checkpoint directory, or a run directory (its latest checkpoint is used).
+        host: Address to listen on; 127.0.0.1 (this machine only) unless you mean to expose it.
+        port: TCP port to listen on.
+        api_key: Require "Authorization: Bearer KEY" on every /v1 route (default: $ACORNLM_API_KEY, else none).
+        max_batch: Most sequences decoded together (each takes a KV cache slot of --max_context positions).
+        max_queue: Most sequences waiting for a slot (default: 4 x max_batch).
+        max_context: Most tokens per conversation, prompt and reply together, capped at the model's context;
+            0 = the model's context. The KV cache holds max_batch x max_context positions (its size is printed).
+        model_name: Name clients pass as `model` (default: the checkpoint's directory name).
+        max_tokens: Most tokens one reply may generate (also the default when a request gives none).
+        max_body_bytes: Largest request body accepted (HTTP 413 beyond it).
+        device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N" or "mps".
+        dtype: "auto" (as stored in the checkpoint), "float32", "bfloat16" or "float16".
+        threads: CPU threads for the model's math (0 = PyTorch's default, one per core). On a machine
+            shared with other work, 1 often decodes faster than oversubscribed cores.
+    """
+    if ckpt is None:
+        raise ConfigError("--ckpt is required: a checkpoint directory or a run directory")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"serving needs the serve extra ({exc.name} is missing): pip install 'acornlm[serve]'") from exc
+    from acornlm.serve.protocol import ServerLimits
+    from acornlm.serve.server import load_engine, run_server
+
+    for name, value in (("max_tokens", max_tokens), ("max_body_bytes", max_body_bytes)):
+        if value < 1:
+            raise ConfigError(f"--{name} must be a positive integer, got {value}")
+    if threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0 = PyTorch's default), got {threads}")
+    if max_context < 0:
+        raise ConfigError(f"--max_context must be >= 0 (0 = the model's context), got {max_context}")
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    engine = load_engine(ckpt, device=device, dtype=dtype, max_batch=max_batch, max_queue=max_queue,
+                         max_context=max_context or None)
+    name = model_name or Path(ckpt).resolve().name
+    limits = ServerLimits(max_output_tokens=max_tokens, max_body_bytes=max_body_bytes)
+    url = f"http://{host}:{port}"
+    print(f"serving {name}: {engine.model.num_params() / 1e6:.1f}M parameters, context {engine.context_length} "
+          f"tokens, KV cache {engine.kv_cache_bytes / 2**20:.0f} MiB for {engine.max_batch} sequences", flush=True)
+    print(f"chat page {url}/  OpenAI API {url}/v1" + ("  (API key required)" if api_key else ""), flush=True)
+    run_server(engine, name, host=host, port=port, api_key=api_key, limits=limits)

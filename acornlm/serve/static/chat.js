@@ -1,0 +1,266 @@
+// The chat page: a client of the server's OpenAI-compatible API, like any other.
+//
+// It keeps the chat in `conversation` ({role, content} messages), sends it to
+// POST /v1/chat/completions with stream: true, and reads the server-sent events
+// ("data: {chunk}" ... "data: [DONE]") as they arrive. Stop aborts the request (the server
+// then frees the model's slot); Regenerate drops the last reply and asks again.
+//
+// Model output is untrusted text: it is only ever put into the page with textContent
+// (never innerHTML), so a reply containing <script> or <img onerror=...> shows as text.
+// A small Markdown subset (``` code blocks, `inline code`, **bold**) is rendered by
+// building DOM nodes.
+
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const SETTINGS = ["system-prompt", "temperature", "top-p", "top-k", "max-tokens", "api-key"];
+
+let conversation = [];     // the messages sent to the server
+let modelName = null;      // from GET /v1/models
+let controller = null;     // AbortController of the reply being generated
+
+// ------------------------------------------------------------------ settings
+
+function loadSettings() {
+  for (const id of SETTINGS) {
+    const saved = localStorage.getItem("acornlm." + id);
+    if (saved !== null) $(id).value = saved;
+    $(id).addEventListener("change", () => localStorage.setItem("acornlm." + id, $(id).value));
+  }
+}
+
+function numberSetting(id) {
+  const value = Number($(id).value);
+  return Number.isFinite(value) ? value : undefined;
+}
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+// ------------------------------------------------------------------ rendering (no innerHTML)
+
+function renderInline(parent, text) {
+  // `code` and **bold** inside a paragraph; everything else is plain text.
+  const pattern = /(`[^`\n]+`|\*\*[^*\n]+\*\*)/g;
+  let last = 0;
+  for (const match of text.matchAll(pattern)) {
+    parent.append(document.createTextNode(text.slice(last, match.index)));
+    const token = match[0];
+    const node = document.createElement(token.startsWith("`") ? "code" : "strong");
+    node.textContent = token.startsWith("`") ? token.slice(1, -1) : token.slice(2, -2);
+    parent.append(node);
+    last = match.index + token.length;
+  }
+  parent.append(document.createTextNode(text.slice(last)));
+}
+
+function renderMarkdown(container, text) {
+  container.replaceChildren();
+  const parts = text.split("```");
+  parts.forEach((part, i) => {
+    if (i % 2 === 1) {  // inside a code fence: the first line may name the language
+      const pre = document.createElement("pre");
+      const code = document.createElement("code");
+      code.textContent = part.replace(/^[\w+-]*\n/, "");
+      pre.append(code);
+      container.append(pre);
+    } else {
+      for (const paragraph of part.split(/\n{2,}/)) {
+        if (!paragraph) continue;
+        const p = document.createElement("p");
+        renderInline(p, paragraph);
+        container.append(p);
+      }
+    }
+  });
+}
+
+function addMessage(role, text) {
+  const box = document.createElement("div");
+  box.className = "message " + role;
+  const label = document.createElement("div");
+  label.className = "role";
+  label.textContent = role;
+  const content = document.createElement("div");
+  content.className = "content";
+  box.append(label, content);
+  renderMarkdown(content, text);
+  $("messages").append(box);
+  box.scrollIntoView({ block: "end" });
+  return box;
+}
+
+function showError(message) {
+  const box = document.createElement("div");
+  box.className = "message error";
+  box.textContent = message;
+  $("messages").append(box);
+}
+
+function setBusy(busy) {
+  $("send").disabled = busy;
+  $("stop").hidden = !busy;
+  $("regenerate").hidden = busy || !conversation.some((m) => m.role === "assistant");
+}
+
+// ------------------------------------------------------------------ talking to the server
+
+async function errorMessage(response) {
+  try {
+    const body = await response.json();
+    return `${response.status}: ${body.error.message}`;
+  } catch {
+    return `${response.status} ${response.statusText}`;
+  }
+}
+
+async function fetchModel() {
+  try {
+    const response = await fetch("/v1/models", { headers: headers() });
+    if (!response.ok) throw new Error(await errorMessage(response));
+    modelName = (await response.json()).data[0].id;
+    $("model-name").textContent = modelName;
+  } catch (error) {
+    $("model-name").textContent = "not connected: " + error.message;
+  }
+}
+
+function requestBody() {
+  const messages = [];
+  const system = $("system-prompt").value.trim();
+  if (system) messages.push({ role: "system", content: system });
+  messages.push(...conversation);
+  return {
+    model: modelName ?? undefined,
+    messages,
+    stream: true,
+    temperature: numberSetting("temperature"),
+    top_p: numberSetting("top-p"),
+    top_k: numberSetting("top-k"),
+    max_tokens: numberSetting("max-tokens"),
+  };
+}
+
+// Yields the parsed JSON of each "data: ..." event until "data: [DONE]".
+async function* serverSentEvents(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  while (true) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      for (const line of event.split("\n")) {
+        if (!line.startsWith("data: ")) continue;
+        const data = line.slice(6);
+        if (data === "[DONE]") return;
+        yield JSON.parse(data);
+      }
+    }
+  }
+}
+
+async function generateReply() {
+  const box = addMessage("assistant", "");
+  box.classList.add("streaming");
+  const content = box.querySelector(".content");
+  let reply = "";
+  let finish = null;
+  controller = new AbortController();
+  setBusy(true);
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers(), body: JSON.stringify(requestBody()), signal: controller.signal,
+    });
+    if (!response.ok) throw new Error(await errorMessage(response));
+    for await (const chunk of serverSentEvents(response)) {
+      if (chunk.error) throw new Error(chunk.error.message);
+      const choice = chunk.choices[0];
+      if (!choice) continue;
+      if (choice.delta.content) {
+        reply += choice.delta.content;
+        renderMarkdown(content, reply);
+        box.scrollIntoView({ block: "end" });
+      }
+      if (choice.finish_reason) finish = choice.finish_reason;
+    }
+  } catch (error) {
+    if (error.name === "AbortError") {
+      finish = "stopped";
+    } else {
+      showError(error.message);
+      finish = "error";
+    }
+  } finally {
+    controller = null;
+    box.classList.remove("streaming");
+    box.dataset.finish = finish ?? "";
+    if (finish === "length" || finish === "stopped") {
+      const status = document.createElement("div");
+      status.className = "status";
+      status.textContent = finish === "length" ? "(cut at max tokens)" : "(stopped)";
+      box.append(status);
+    }
+    if (finish === "error" && !reply) box.remove();
+    else conversation.push({ role: "assistant", content: reply });
+    setBusy(false);
+  }
+}
+
+// ------------------------------------------------------------------ user actions
+
+async function send(event) {
+  event.preventDefault();
+  const text = $("input").value.trim();
+  if (!text || controller) return;
+  $("input").value = "";
+  conversation.push({ role: "user", content: text });
+  addMessage("user", text);
+  await generateReply();
+}
+
+async function regenerate() {
+  if (controller || conversation.at(-1)?.role !== "assistant") return;
+  conversation.pop();
+  const replies = $("messages").querySelectorAll(".message.assistant");
+  replies[replies.length - 1]?.remove();
+  await generateReply();
+}
+
+function newChat() {
+  if (controller) controller.abort();
+  conversation = [];
+  $("messages").replaceChildren();
+  setBusy(false);
+}
+
+function init() {
+  loadSettings();
+  $("composer").addEventListener("submit", send);
+  $("input").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey) {
+      event.preventDefault();
+      $("composer").requestSubmit();
+    }
+  });
+  $("stop").addEventListener("click", () => controller?.abort());
+  $("regenerate").addEventListener("click", regenerate);
+  $("new-chat").addEventListener("click", newChat);
+  $("settings-toggle").addEventListener("click", () => {
+    const panel = $("settings");
+    panel.hidden = !panel.hidden;
+    $("settings-toggle").setAttribute("aria-expanded", String(!panel.hidden));
+  });
+  $("api-key").addEventListener("change", fetchModel);
+  fetchModel();
+}
+
+init();

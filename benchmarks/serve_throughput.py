@@ -1,0 +1,197 @@
+"""Serving throughput: aggregate decode tokens/s and latency at 1, 4, 16 and 64 concurrent streams.
+
+    .venv/bin/python benchmarks/serve_throughput.py [--quick] [--ckpt DIR] [--preset minimind2-small]
+
+The server runs in its own process exactly as `acornlm serve` does (engine thread + uvicorn); this
+process is the client: N streams at once, each a streaming /v1/chat/completions request for a fixed
+number of tokens (`ignore_eos`, so every stream generates the same amount). Per concurrency level:
+
+    tokens_per_s      all streams' completion tokens / wall time from the first request to the last [DONE]
+    ttft_s            time to first token (request sent -> first content chunk), p50 / p95 over streams
+    itl_s             inter-token latency (gap between consecutive content chunks), p50 / p95 over all gaps
+    speedup_vs_1      tokens_per_s / tokens_per_s at 1 stream (continuous batching's gain)
+
+Without --ckpt the model is the preset's shape with random weights (speed does not depend on the
+weights). Prints one JSON object; never asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import multiprocessing
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, preset_config  # noqa: E402
+
+from acornlm.checkpoint import write_model_files  # noqa: E402
+from acornlm.model import Transformer  # noqa: E402
+from acornlm.tokenizer import train_tokenizer  # noqa: E402
+
+WORDS = ("the king queen castle river stone green light dark sword song night morning bread friend enemy "
+         "walks speaks sleeps sings finds keeps under over near with from and but").split()
+
+
+def random_checkpoint(preset: str, out: Path) -> Path:
+    """A checkpoint of the preset's shape with random weights and a BPE tokenizer of generated text."""
+    import random
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(200)) for _ in range(200)]
+    config = preset_config(preset)
+    tokenizer = train_tokenizer(texts, "bpe", 300)  # the model keeps its full vocabulary (same work per token)
+    tokenizer.save(out / "tokenizer")
+    if not config.vocab_size:  # 0 = the tokenizer's size
+        config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    ckpt = out / "ckpt"
+    ckpt.mkdir()
+    write_model_files(ckpt, model, {"note": "random weights for benchmarking"}, tokenizer_dir=out / "tokenizer")
+    return ckpt
+
+
+def serve_process(ckpt: str, port: int, max_batch: int, max_context: int, device: str, dtype: str,
+                  threads: int) -> None:
+    """The server, as `acornlm serve` runs it (in a child process)."""
+    if threads:
+        torch.set_num_threads(threads)
+    from acornlm.serve.protocol import ServerLimits
+    from acornlm.serve.server import load_engine, run_server
+
+    engine = load_engine(ckpt, device=device, dtype=dtype, max_batch=max_batch, max_queue=4 * max_batch,
+                         max_context=max_context)
+    run_server(engine, "bench", host="127.0.0.1", port=port, limits=ServerLimits(max_output_tokens=4096),
+               log_level="warning")  # no access log: stdout carries the JSON
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def one_stream(client: httpx.AsyncClient, url: str, seed: int, max_tokens: int, prompt: str) -> dict:
+    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0.8, "seed": seed, "stream": True, "stream_options": {"include_usage": True},
+            "ignore_eos": True}
+    start = time.perf_counter()
+    chunk_times: list[float] = []
+    tokens = 0
+    async with client.stream("POST", url, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                tokens = data["usage"]["completion_tokens"]
+            if data["choices"] and data["choices"][0]["delta"].get("content"):
+                chunk_times.append(time.perf_counter())
+    end = time.perf_counter()
+    gaps = [b - a for a, b in zip(chunk_times, chunk_times[1:])]
+    return {"start": start, "end": end, "ttft": (chunk_times[0] - start) if chunk_times else None, "gaps": gaps,
+            "tokens": tokens}
+
+
+async def run_level(base_url: str, concurrency: int, max_tokens: int, prompt: str) -> dict:
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await one_stream(client, base_url + "/v1/chat/completions", 12345, 4, prompt)  # warm-up
+        streams = await asyncio.gather(*(one_stream(client, base_url + "/v1/chat/completions", seed, max_tokens,
+                                                    prompt) for seed in range(concurrency)))
+    wall = max(s["end"] for s in streams) - min(s["start"] for s in streams)
+    tokens = sum(s["tokens"] for s in streams)
+    ttfts = [s["ttft"] for s in streams if s["ttft"] is not None]
+    gaps = [g for s in streams for g in s["gaps"]]
+    return {
+        "concurrency": concurrency, "tokens": tokens, "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "ttft_s": {"p50": round(percentile(ttfts, 50), 4), "p95": round(percentile(ttfts, 95), 4)},
+        "itl_s": {"p50": round(percentile(gaps, 50), 5), "p95": round(percentile(gaps, 95), 5)},
+        "per_stream_tokens_per_s": round(statistics.median(s["tokens"] / (s["end"] - s["start"]) for s in streams), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", help="checkpoint to serve (default: random weights of --preset)")
+    parser.add_argument("--preset", default="minimind2-small")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per stream")
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-context", type=int, default=1024, help="KV cache positions per sequence")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of the server (0 = default)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny preset, 16 tokens, 1 and 4 streams")
+    args = parser.parse_args()
+    if args.quick:
+        args.preset, args.max_tokens, args.concurrency = "tiny", 16, [1, 4]
+    prompt = "the king speaks to the queen near the river and the castle " * 2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = args.ckpt or str(random_checkpoint(args.preset, Path(tmp)))
+        port = free_port()
+        server = multiprocessing.get_context("spawn").Process(
+            target=serve_process, args=(ckpt, port, args.max_batch, args.max_context, args.device, args.dtype, args.threads),
+            daemon=True)
+        server.start()
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            health = wait_for_server(base_url, server)
+            levels = [asyncio.run(run_level(base_url, c, args.max_tokens, prompt)) for c in args.concurrency]
+        finally:
+            server.terminate()
+            server.join(10)
+    single = next((level["tokens_per_s"] for level in levels if level["concurrency"] == 1), None)
+    for level in levels:
+        level["speedup_vs_1"] = round(level["tokens_per_s"] / single, 2) if single else None
+    result = {
+        "benchmark": "serve_throughput",
+        "model": {"checkpoint": args.ckpt or f"random {args.preset}", "context": health["context_length"]},
+        "server": {"max_batch": args.max_batch, "max_context": args.max_context, "device": args.device,
+                   "dtype": args.dtype,
+                   "threads": args.threads or "default"},
+        "max_tokens_per_stream": args.max_tokens,
+        "levels": levels,
+        "environment": environment(),
+    }
+    print(json.dumps(result, indent=2))
+
+
+def wait_for_server(base_url: str, server: multiprocessing.Process, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not server.is_alive():
+            raise SystemExit("the server process died; run `acornlm serve` with the same checkpoint to see why")
+        try:
+            response = httpx.get(base_url + "/health", timeout=2)
+            if response.status_code == 200:
+                return response.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("the server did not come up in time")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,405 @@
+"""The OpenAI-compatible server, driven by the real `openai` client (and httpx for raw HTTP)."""
+
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from acornlm.checkpoint import write_model_files
+from acornlm.data.chat import render_prompt
+from acornlm.errors import ConfigError
+from acornlm.infer.engine import Engine
+from acornlm.infer.generate import generate_tokens
+from acornlm.infer.sampling import SamplingParams
+from acornlm.model import ModelConfig, Transformer
+from acornlm.serve.app import create_app
+from acornlm.serve.protocol import ServerLimits
+from acornlm.serve.server import BackgroundServer, load_engine
+from acornlm.tokenizer import train_tokenizer
+
+API_KEY = "test-key-123"
+MODEL = "tiny"
+HELLO = [{"role": "user", "content": "the king speaks"}]
+CORPUS = ["The king speaks to the queen near the river.", "A song at night, bread in the morning.",
+          "Friends and enemies walk over the green stone bridge.", "你好，世界 🎉"] * 5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine thread hand-offs cost 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random tiny model with a BPE tokenizer, written as a checkpoint directory."""
+    root = tmp_path_factory.mktemp("serve")
+    tokenizer = train_tokenizer(CORPUS, "bpe", 300)
+    tokenizer.save(root / "tokenizer")
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, initializer_range=0.3)
+    ckpt = root / "ckpt"
+    ckpt.mkdir()
+    write_model_files(ckpt, Transformer(config), {"step": 0}, tokenizer_dir=root / "tokenizer")
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    engine = load_engine(checkpoint, device="cpu", max_batch=4, max_queue=32).start()
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    limits = ServerLimits(max_output_tokens=300, max_body_bytes=20_000, max_n=4)
+    with BackgroundServer(create_app(engine, MODEL, api_key=API_KEY, limits=limits)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def reference(engine, prompt_ids, eos_ids=(0, 2), **settings) -> tuple[str, list[int]]:
+    """What a request should produce: the same model and settings, unbatched, without HTTP.
+
+    The text is the tokens' bytes (special tokens make no text) decoded as a stream decoder does.
+    """
+    tokens = list(generate_tokens(engine.model, prompt_ids, SamplingParams(**settings), eos_ids=eos_ids,
+                                  vocab_size=engine.vocab_size))
+    raw = b"".join(engine.tokenizer.token_bytes(t) for t in tokens if t not in engine.special_token_ids)
+    return raw.decode("utf-8", errors="replace"), tokens
+
+
+# --------------------------------------------------------------------------- happy paths
+
+
+def test_models_list_and_health(client, server):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    health = httpx.get(server.url + "/health").json()  # no API key needed
+    assert health["status"] == "ok" and health["model"] == MODEL and health["max_batch"] == 4
+
+
+def test_chat_completion_matches_direct_generation(client, engine):
+    reply = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0)
+    prompt_ids = render_prompt(engine.tokenizer, HELLO)
+    text, tokens = reference(engine, prompt_ids, max_new_tokens=12, temperature=0)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == text
+    assert choice.finish_reason == ("length" if len(tokens) == 12 else "stop")
+    assert reply.object == "chat.completion" and reply.model == MODEL and reply.id.startswith("chatcmpl-")
+    assert reply.usage.prompt_tokens == len(prompt_ids)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_completion_with_ignore_eos_uses_all_max_tokens(client, engine):
+    reply = client.completions.create(model=MODEL, prompt="the king", max_tokens=9, temperature=0.7, seed=3,
+                                      extra_body={"ignore_eos": True})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "length" and reply.usage.completion_tokens == 9
+    prompt_ids = engine.tokenizer.encode("the king")
+    assert choice.text == reference(engine, prompt_ids, eos_ids=(), max_new_tokens=9, temperature=0.7, seed=3)[0]
+    assert reply.object == "text_completion" and reply.usage.prompt_tokens == len(prompt_ids)
+
+
+def test_streaming_with_usage_equals_the_non_streamed_reply(client):
+    settings = dict(model=MODEL, messages=HELLO, max_tokens=20, temperature=1.0, seed=7, top_p=0.9,
+                    extra_body={"top_k": 40, "min_p": 0.01, "ignore_eos": True})
+    whole = client.chat.completions.create(**settings)
+    chunks = list(client.chat.completions.create(**settings, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content  # the seed reproduces; streaming loses nothing
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    assert all(c.usage is None for c in chunks[:-1])
+    assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
+
+
+def test_sse_wire_format_ends_with_done(server):
+    body = {"model": MODEL, "prompt": "the", "max_tokens": 4, "stream": True, "seed": 1}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_stop_string_cuts_the_reply(client):
+    settings = dict(model=MODEL, messages=HELLO, max_tokens=40, temperature=1.0, seed=11,
+                    extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**settings).choices[0].message.content
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    assert stop.strip()
+    cut = client.chat.completions.create(**settings, stop=[stop])
+    assert cut.choices[0].message.content == full[:full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(**settings, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == full[:full.index(stop)]
+
+
+def test_n_choices_differ_and_each_seed_reproduces(client):
+    settings = dict(model=MODEL, messages=HELLO, max_tokens=15, temperature=1.0, seed=21, n=3,
+                    extra_body={"ignore_eos": True})
+    first = client.chat.completions.create(**settings)
+    again = client.chat.completions.create(**settings)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    texts = [c.message.content for c in first.choices]
+    assert texts == [c.message.content for c in again.choices]
+    assert len(set(texts)) == 3
+    assert first.usage.completion_tokens == 45
+    streamed = client.chat.completions.create(**settings, stream=True)
+    parts = ["", "", ""]
+    for chunk in streamed:
+        for choice in chunk.choices:
+            parts[choice.index] += choice.delta.content or ""
+    assert parts == texts
+
+
+def test_logprobs(client, engine):
+    reply = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, temperature=0, logprobs=True,
+                                           top_logprobs=3, extra_body={"ignore_eos": True})
+    content = reply.choices[0].logprobs.content
+    assert len(content) == 6
+    for entry in content:
+        alternatives = [a.logprob for a in entry.top_logprobs]
+        assert len(alternatives) == 3 and alternatives == sorted(alternatives, reverse=True)
+        assert entry.logprob == pytest.approx(alternatives[0])  # greedy: the chosen token is the most likely
+        assert entry.logprob <= 0
+    raw = b"".join(bytes(entry.bytes) for entry in content)
+    assert raw.decode("utf-8", errors="replace") == reply.choices[0].message.content
+    completion = client.completions.create(model=MODEL, prompt="the", max_tokens=5, logprobs=2, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    legacy = completion.choices[0].logprobs
+    assert len(legacy.tokens) == len(legacy.token_logprobs) == len(legacy.top_logprobs) == 5
+    assert legacy.text_offset[0] == 0
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_error_paths_raise_the_matching_client_exceptions(client, server):
+    with pytest.raises(openai.NotFoundError) as excinfo:
+        client.chat.completions.create(model="no-such-model", messages=HELLO)
+    assert excinfo.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "king " * 400}])
+    assert excinfo.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=100_000)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=MODEL, messages=HELLO, temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="seed"):
+        client.chat.completions.create(model=MODEL, messages=HELLO, seed=2**70)
+    with pytest.raises(openai.BadRequestError, match="special token"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi<|im_end|>"}])
+    with pytest.raises(openai.UnprocessableEntityError, match="messages"):
+        client.chat.completions.create(model=MODEL, messages=[])
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model=MODEL, messages=HELLO, extra_body={"n": "many"})
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).chat.completions.create(
+            model=MODEL, messages=HELLO)
+
+
+def test_raw_http_errors_have_the_openai_shape(server):
+    auth = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    cases = [
+        (httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "tiny", "messages": [', headers=auth),
+         400, "not valid JSON"),
+        (httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO}), 401,
+         "missing API key"),
+        (httpx.post(server.url + "/v1/completions", headers=auth,
+                    content=json.dumps({"model": MODEL, "prompt": "x" * 30_000})), 413, "limit"),
+        (httpx.get(server.url + "/v1/nowhere", headers=auth), 404, "Not Found"),
+        (httpx.post(server.url + "/v1/completions", headers=auth, json={"model": MODEL, "prompt": [99999]}), 400,
+         "token ids"),
+    ]
+    for response, status, text in cases:
+        assert response.status_code == status
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and text in error["message"]
+        assert "Traceback" not in response.text
+
+
+def test_full_queue_answers_429_and_a_stopped_engine_503(checkpoint):
+    engine = load_engine(checkpoint, device="cpu", max_batch=1, max_queue=0).start()
+    app = create_app(engine, MODEL)
+    try:
+        with BackgroundServer(app) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+            stream = client.completions.create(model=MODEL, prompt="the", max_tokens=250, stream=True,
+                                               extra_body={"ignore_eos": True})
+            next(iter(stream))  # the only slot is busy now
+            with pytest.raises(openai.RateLimitError):
+                client.completions.create(model=MODEL, prompt="the", max_tokens=5)
+            stream.close()
+            engine.shutdown()
+            with pytest.raises(openai.InternalServerError) as excinfo:
+                client.completions.create(model=MODEL, prompt="the", max_tokens=5)
+            assert excinfo.value.status_code == 503
+    finally:
+        engine.shutdown()
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_sixteen_concurrent_streams_complete_correctly(client, engine):
+    """16 streams through a 4-slot engine: all finish, each equals its unbatched generation."""
+    prompt_ids = render_prompt(engine.tokenizer, HELLO)
+    results: dict[int, str] = {}
+    errors: list[Exception] = []
+    steps_before = engine.decode_steps
+
+    def worker(seed: int) -> None:
+        try:
+            stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=24, temperature=1.0,
+                                                    seed=seed, stream=True, extra_body={"ignore_eos": True})
+            results[seed] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for seed in range(16):
+        assert results[seed] == reference(engine, prompt_ids, eos_ids=(), max_new_tokens=24, temperature=1.0,
+                                          seed=seed)[0]
+    assert engine.decode_steps - steps_before < 16 * 23  # rows were decoded together
+
+
+def wait_until(condition, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_disconnected_stream_frees_its_slot(server, engine):
+    aborted_before = engine.finished["abort"]
+    body = {"model": MODEL, "prompt": "the king", "max_tokens": 250, "stream": True, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server.url + "/v1/completions", json=body, headers=headers) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: "))  # generation has started
+            assert engine.num_running == 1
+    # the connection is closed: the server cancels the sequence and the batch shrinks
+    assert wait_until(lambda: engine.num_running == 0)
+    assert engine.finished["abort"] == aborted_before + 1
+
+
+# --------------------------------------------------------------------------- page, CLI
+
+
+def test_chat_page_and_static_files_are_served(server):
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "/static/chat.js" in page.text
+    script = httpx.get(server.url + "/static/chat.js")
+    assert script.status_code == 200
+    assert not re.search(r"(innerHTML|outerHTML)\s*=|insertAdjacentHTML|document\.write", script.text)
+
+
+def test_serve_cli_checks_its_options(checkpoint):
+    from acornlm.cli.serve import serve
+
+    with pytest.raises(ConfigError, match="--ckpt"):
+        serve()
+    with pytest.raises(ConfigError, match="max_tokens"):
+        serve(ckpt=str(checkpoint), max_tokens=0)
+    with pytest.raises(ConfigError, match="max_batch"):
+        serve(ckpt=str(checkpoint), max_batch=0)
+
+
+def test_serve_command_end_to_end(checkpoint):
+    """The serve command in its own process: API key from the environment, one chat, shut down."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = f"from acornlm.cli.serve import serve; serve(ckpt={str(checkpoint)!r}, port={port}, threads=1, max_batch=2)"
+    env = {**os.environ, "ACORNLM_API_KEY": "from-env"}
+    process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(url + "/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert wait_until(lambda: up() or process.poll() is not None, seconds=60) and process.poll() is None
+        client = openai.OpenAI(base_url=url + "/v1", api_key="from-env", max_retries=0)
+        reply = client.chat.completions.create(model=checkpoint.name, messages=HELLO, max_tokens=3)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="other", max_retries=0).models.list()
+    finally:
+        process.send_signal(signal.SIGINT)
+        output = process.communicate(timeout=30)[0]
+    assert f"chat page {url}/" in output and "API key required" in output
+
+
+def test_engine_fixture_is_thread_safe_with_direct_streams(engine):
+    """The engine serves in-process callers next to HTTP ones (as the benchmark and notebooks do)."""
+    events = list(engine.stream([5, 6, 7], SamplingParams(max_new_tokens=5, temperature=0)))
+    assert events[-1].finished and events[-1].completion_tokens <= 5
+    assert isinstance(engine, Engine)
+
+
+def test_chat_cli_multi_turn_with_commands(checkpoint, monkeypatch, capsys):
+    from acornlm.cli.chat import chat
+    from acornlm.data.chat import chat_text
+    from acornlm.infer.api import LanguageModel
+
+    typed = ["the king", "/set max_tokens 4", "/set bogus 1", "/set temperature -1", "/set system Be brief.",
+             "the queen", "/show", "/reset", "/quit", "never read"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(typed) + "\n"))
+    chat(ckpt=str(checkpoint), temperature=0, max_new_tokens=6, device="cpu")
+    out = capsys.readouterr().out
+
+    lm = LanguageModel.from_checkpoint(checkpoint, device="cpu")
+    greedy = dict(temperature=0, stop_token_ids=[2, 0])
+    first = lm.generate(chat_text([{"role": "user", "content": "the king"}], True), max_new_tokens=6, **greedy)
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the king"},
+               {"role": "assistant", "content": first.replace("<|im_start|>", "")},
+               {"role": "user", "content": "the queen"}]
+    second = lm.generate(chat_text(history, True), max_new_tokens=4, **greedy)
+    assert f"assistant> {first}\n" in out and f"assistant> {second}\n" in out  # the second turn saw the first
+    assert "error: unknown setting 'bogus'" in out and "error: temperature must be >= 0" in out
+    assert "max_new_tokens: 4" in out and "(conversation cleared)" in out
+    assert out.count("assistant> ") == 2 and "never read" not in out

@@ -1,0 +1,160 @@
+"""The web chat page in headless Chromium (Debian's `chromium`, driven by Playwright).
+
+tests/setup_browser.sh installs /usr/bin/chromium (make test runs it); Playwright's own browser
+download is never used.
+"""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from acornlm.infer.engine import Engine
+from acornlm.model import ModelConfig, Transformer
+from acornlm.serve.app import create_app
+from acornlm.serve.server import BackgroundServer
+from acornlm.tokenizer import train_tokenizer
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOT_COPY = Path("/tmp/acornlm-web.png")
+API_KEY = "page-key"
+MODEL = "tiny-web"
+
+
+class SlowEngine(Engine):
+    """An engine that takes ~10 ms per step, so a reply is still streaming when the test clicks Stop."""
+
+    def step(self) -> bool:
+        if self.num_running:
+            time.sleep(0.01)
+        return super().step()
+
+
+@pytest.fixture(scope="module")
+def server():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model; threads only add hand-off latency
+    tokenizer = train_tokenizer(["The king speaks to the queen near the river at night."] * 5, "bpe", 280)
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                         initializer_range=0.3)
+    engine = SlowEngine(Transformer(config).eval(), tokenizer, max_batch=2, stop_token_ids=[]).start()
+    try:
+        with BackgroundServer(create_app(engine, MODEL, api_key=API_KEY)) as server:
+            server.engine = engine
+            yield server
+    finally:
+        engine.shutdown()
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: run `bash tests/setup_browser.sh` (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1000, "height": 800})
+        page.set_default_timeout(20_000)
+        page.goto(server.url + "/")
+        yield page
+        browser.close()
+
+
+def last_reply(page):
+    return page.locator(".message.assistant").last
+
+
+def test_chat_page_streams_replies_and_obeys_settings_and_stop(page, server, tmp_path):
+    # Without the API key the page cannot list models; entering it in the settings connects.
+    page.wait_for_function("document.getElementById('model-name').textContent.includes('401')")
+    page.click("#settings-toggle")
+    page.fill("#api-key", API_KEY)
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_function(f"document.getElementById('model-name').textContent === '{MODEL}'")
+
+    # Change settings, send a message, watch the reply stream in.
+    page.fill("#system-prompt", "Be brief.")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "12")
+    page.evaluate("""() => {
+        window.contentUpdates = 0;
+        new MutationObserver(() => window.contentUpdates++)
+            .observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+    }""")
+    page.fill("#input", "the king")
+    with page.expect_request("**/v1/chat/completions") as request_info:
+        page.press("#input", "Enter")
+    sent = json.loads(request_info.value.post_data)
+    assert sent["temperature"] == 0 and sent["max_tokens"] == 12 and sent["stream"] is True
+    assert sent["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the king"}]
+    page.wait_for_selector(".message.assistant[data-finish='length']")
+    assert page.evaluate("window.contentUpdates") > 4  # piece by piece, not one block at the end
+
+    # The page shows what the API returns for the same request.
+    expected = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={**sent, "stream": False}, timeout=30).json()["choices"][0]["message"]["content"]
+    assert page.evaluate("conversation.at(-1).content") == expected
+    assert page.locator(".message.user").last.inner_text().endswith("the king")
+
+    # Stop a long generation: the reply ends where it was, and the server frees the slot.
+    aborted = server.engine.finished["abort"]
+    page.fill("#temperature", "1")
+    page.fill("#max-tokens", "400")
+    page.fill("#input", "the queen")
+    page.click("#send")
+    page.wait_for_selector("#stop:not([hidden])")
+    page.wait_for_function("document.querySelectorAll('.message.assistant')[1]?.textContent.length > 20")
+    page.click("#stop")
+    page.wait_for_selector(".message.assistant[data-finish='stopped']")
+    assert page.locator("#stop").is_hidden() and page.locator("#regenerate").is_visible()
+    deadline = time.monotonic() + 10
+    while server.engine.finished["abort"] == aborted and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.engine.finished["abort"] == aborted + 1 and server.engine.num_running == 0
+    stopped_reply = page.evaluate("conversation.at(-1).content")
+    assert len(stopped_reply) > 0
+
+    # Regenerate replaces the last reply.
+    page.fill("#max-tokens", "6")
+    page.click("#regenerate")
+    page.wait_for_function(
+        "document.querySelectorAll('.message.assistant')[1]?.dataset.finish === 'length'")
+    assert page.locator(".message.assistant").count() == 2
+    assert page.evaluate("conversation.length") == 4
+
+    screenshot = tmp_path / "acornlm-web.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    shutil.copyfile(screenshot, SCREENSHOT_COPY)
+    assert screenshot.stat().st_size > 1000
+
+
+def test_model_output_is_rendered_as_text_never_as_html(page):
+    rendered = page.evaluate("""() => {
+        window.injected = false;
+        const box = document.createElement('div');
+        renderMarkdown(box, 'Hi <img src=x onerror="window.injected=true"> <script>window.injected=true</script>' +
+                            ' **bold** and `code`\\n\\n```js\\nlet a = "<b>";\\n```');
+        document.body.append(box);
+        return {
+            html: box.innerHTML,
+            text: box.textContent,
+            tags: [...box.querySelectorAll('*')].map(e => e.tagName.toLowerCase()),
+            strong: box.querySelector('strong')?.textContent,
+            code: box.querySelector('pre code')?.textContent,
+        };
+    }""")
+    assert set(rendered["tags"]) <= {"p", "strong", "code", "pre"}
+    assert "<img" in rendered["text"] and "&lt;img" in rendered["html"]
+    assert rendered["strong"] == "bold" and rendered["code"] == 'let a = "<b>";\n'
+    page.wait_for_timeout(100)  # give an injected handler the chance to run
+    assert page.evaluate("window.injected") is False
