@@ -71,12 +71,13 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 
 def build_commands() -> dict:
-    from acornlm.cli import chat, data, demo, export, finetune, generate, importing, serve, tokenizer, train
+    from acornlm.cli import align, chat, data, demo, export, finetune, generate, importing, serve, tokenizer, train
 
     return {
         "data": {"fetch": data.fetch, "prepare": data.prepare, "synth": finetune.synth},
         "tokenizer": {"train": tokenizer.train, "stats": tokenizer.stats},
-        "train": {"pretrain": train.pretrain, "sft": finetune.sft},
+        "train": {"pretrain": train.pretrain, "sft": finetune.sft, "dpo": align.dpo, "grpo": align.grpo,
+                  "distill": align.distill},
         "lora": {"merge": finetune.lora_merge},
         "eval": {"tasks": finetune.eval_tasks},
         "generate": generate.generate,

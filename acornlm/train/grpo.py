@@ -1,0 +1,510 @@
+"""The GRPO stage: reinforcement learning on rewards that a program can check.
+
+Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath) needs no value network:
+
+    1. for each prompt, sample a group of G completions from the current model;
+    2. score each with reward functions (plain Python: "is the answer right?");
+    3. advantage of completion i = (r_i - mean(r)) / (std(r) + eps) within its group, so the
+       model learns which of *its own* answers were better than its average;
+    4. maximise the PPO-style clipped objective min(rho A, clip(rho, 1-e, 1+e) A) per token,
+       rho = pi(token) / pi_old(token), optionally minus beta * KL(pi || pi_ref).
+
+The stage reuses the one Trainer. Sampling is online: `GRPOBatches` holds a handle to the model
+being trained and generates inside `batch(step, micro_step)` with acornlm's inference path,
+seeded from (seed, step, micro_step, rank), so the samples, and therefore a resumed run, are
+a pure function of the step and the weights. Each group is used for one optimizer step (the
+usual setting, "mu = 1"), so pi_old is the policy itself: rho = 1 with the gradient of
+log pi, and the clip only bites if the same samples were reused for several updates.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from acornlm.data.chat import IM_END_ID, message_problem, render_prompt
+from acornlm.data.conversations import data_files, describe_keys, iter_records, parse_messages
+from acornlm.errors import ConfigError, DataError
+from acornlm.eval.tasks import TASKS, make_dataset
+from acornlm.infer.generate import generate_batch
+from acornlm.infer.sampling import SamplingParams
+from acornlm.model import Transformer
+from acornlm.tokenizer import Tokenizer
+from acornlm.train import distributed
+from acornlm.train.config import TrainConfig
+from acornlm.train.distributed import DistributedContext, log
+from acornlm.train.dpo import (
+    MeanMetrics,
+    as_path_list,
+    build_policy,
+    collate_sequences,
+    example_indices,
+    final_metrics,
+    load_reference,
+    resolve_start,
+    token_logprobs,
+)
+from acornlm.train.lora import LoraConfig, base_model_view
+from acornlm.train.sft import split_conversations
+from acornlm.train.trainer import Trainer
+
+# A reward function scores one completion: reward(completion, example) -> float. `example` is
+# the prompt's record (its "prompt", and whatever else the data holds: "answer", "task", ...).
+RewardFunction = Callable[[str, dict[str, Any]], float]
+
+
+# --- the pure pieces: advantages, KL estimate, clipped loss ---
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's group-normalised advantage (Shao et al. 2024, eq. 3 outcome supervision):
+
+        A_i = (r_i - mean(r_group)) / (std(r_group) + eps)
+
+    `rewards` is [num_prompts * group_size], the G completions of a prompt next to each other.
+    The standard deviation is the unbiased one (as torch.std and TRL). A group where every
+    completion scored the same gets advantage 0: it carries no signal about what was better.
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    groups = rewards.float().view(-1, group_size)
+    mean = groups.mean(dim=1, keepdim=True)
+    std = groups.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+    return ((groups - mean) / (std + eps)).view(-1)
+
+
+def kl_k3(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) by Schulman's k3 estimator (as in DeepSeekMath eq. 4):
+
+        KL ~ exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1
+
+    unbiased for samples drawn from pi, and never negative.
+    """
+    delta = reference_logprobs - logprobs
+    return torch.exp(delta) - delta - 1
+
+
+@dataclass
+class GRPOLossOutput:
+    loss: torch.Tensor            # scalar
+    kl: torch.Tensor              # mean per-token KL to the reference (0 without one), detached
+    clipped_fraction: torch.Tensor  # share of tokens where the clip was active, detached
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, clip_eps: float = 0.2, reference_logprobs: torch.Tensor | None = None,
+              kl_beta: float = 0.0) -> GRPOLossOutput:
+    """The GRPO objective (DeepSeekMath eq. 3), negated to be minimised:
+
+        loss = -1/G sum_i 1/|o_i| sum_t [ min(rho_t A_i, clip(rho_t, 1-e, 1+e) A_i) - beta KL_t ]
+
+    rho_t = exp(log pi - log pi_old) per token; `logprobs`, `old_logprobs`, `reference_logprobs`
+    and `mask` (1 on completion tokens) are [N, T], `advantages` is [N]. Each completion's
+    token terms are averaged first, then the completions (the paper's 1/|o_i| then 1/G).
+    """
+    mask = mask.to(torch.float32)
+    ratio = torch.exp(logprobs - old_logprobs)
+    advantage = advantages.unsqueeze(-1)
+    unclipped = ratio * advantage
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantage
+    per_token = torch.minimum(unclipped, clipped)
+    kl = torch.zeros_like(per_token)
+    if reference_logprobs is not None and kl_beta:
+        kl = kl_k3(logprobs, reference_logprobs)
+        per_token = per_token - kl_beta * kl
+    lengths = mask.sum(-1).clamp(min=1)
+    per_completion = (per_token * mask).sum(-1) / lengths
+    tokens = mask.sum().clamp(min=1)
+    clipped_fraction = ((clipped < unclipped).float() * mask).sum() / tokens  # the min took the clip
+    return GRPOLossOutput(-per_completion.mean(), ((kl * mask).sum() / tokens).detach(),
+                          clipped_fraction.detach())
+
+
+# --- rewards: user functions that may fail ---
+
+@dataclass
+class RewardRunner:
+    """Calls the reward functions and sums their scores, surviving functions that fail.
+
+    A function that raises (or returns something that is not a finite number) scores 0 for
+    that completion; training goes on. Each failing function is reported once, with its first
+    error, as a warning, and every failure is counted (`errors`, logged as `reward_errors`).
+    """
+
+    functions: Sequence[RewardFunction]
+    names: Sequence[str] = ()
+    errors: int = 0
+    errors_by_function: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.functions:
+            raise ConfigError("GRPO needs at least one reward function")
+        if not self.names:
+            self.names = [getattr(fn, "__name__", repr(fn)) for fn in self.functions]
+
+    def score(self, completion: str, example: dict[str, Any]) -> float:
+        """The sum of every function's reward for one completion."""
+        return sum(self._call(name, fn, completion, example) for name, fn in zip(self.names, self.functions))
+
+    def _call(self, name: str, fn: RewardFunction, completion: str, example: dict[str, Any]) -> float:
+        try:
+            value = fn(completion, example)
+            if isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TypeError(f"returned {value!r}; a reward must be a finite number")
+            return float(value)
+        except Exception as exc:  # noqa: BLE001 - any user error: score 0, count it, go on
+            self._record_error(name, exc)
+            return 0.0
+
+    def _record_error(self, name: str, exc: Exception) -> None:
+        self.errors += 1
+        first = name not in self.errors_by_function
+        self.errors_by_function[name] = self.errors_by_function.get(name, 0) + 1
+        if first:
+            where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+            location = f" ({where.filename}:{where.lineno})" if where else ""
+            warnings.warn(
+                f"reward function {name!r} raised {type(exc).__name__}: {exc}{location}; the completion "
+                "scores 0 for it and training continues (further errors are only counted, see "
+                "reward_errors in metrics.jsonl)", RuntimeWarning, stacklevel=2)
+
+
+def task_reward(completion: str, example: dict[str, Any]) -> float:
+    """The verifiable reward of acornlm.eval.tasks: 1 when the task's checker accepts the answer, else 0."""
+    task, answer = example.get("task"), example.get("answer")
+    if task not in TASKS or not isinstance(answer, str):
+        raise ValueError(f"the `task` reward needs a known `task` ({', '.join(TASKS)}) and an `answer` string "
+                         f"in each prompt record; got task={task!r}, answer={answer!r}")
+    return float(TASKS[task].check(completion, answer))
+
+
+BUILTIN_REWARDS: dict[str, RewardFunction] = {"task": task_reward}
+
+
+def load_reward_functions(spec: str) -> tuple[list[RewardFunction], list[str]]:
+    """Reward functions from a comma-separated spec; their rewards are summed.
+
+    Each item is `task` (the checkers of acornlm.eval.tasks), `package.module:function` or
+    `path/to/file.py:function`. A function takes (completion text, prompt record) and returns a number.
+    """
+    functions, names = [], []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        if item in BUILTIN_REWARDS:
+            functions.append(BUILTIN_REWARDS[item])
+        elif ":" in item:
+            functions.append(import_function(*item.rsplit(":", 1)))
+        else:
+            raise ConfigError(f"reward {item!r} is neither a built-in reward ({', '.join(BUILTIN_REWARDS)}) nor "
+                              "`module:function` / `file.py:function`")
+        names.append(item)
+    if not functions:
+        raise ConfigError("--reward is empty: name at least one reward, e.g. task or my_rewards.py:score")
+    return functions, names
+
+
+def import_function(source: str, name: str) -> RewardFunction:
+    """`name` from a Python file (`path.py`) or an importable module; ConfigError saying what is missing."""
+    try:
+        if source.endswith(".py"):
+            path = Path(source)
+            if not path.is_file():
+                raise ConfigError(f"reward file {path} does not exist")
+            spec = importlib.util.spec_from_file_location(f"acornlm_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(source)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any import-time failure of user code
+        raise ConfigError(f"cannot import reward module {source!r}: {type(exc).__name__}: {exc}") from exc
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ConfigError(f"{source} has no function {name!r} to use as a reward")
+    return function
+
+
+# --- prompts ---
+
+def load_prompt_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Prompt records of .jsonl/.json files: {"prompt": text or messages, ...any fields the rewards read}
+    or chat data {"messages": [..., {"role": "assistant", ...}], ...} whose last answer becomes "answer".
+
+    Each record gets "messages" (the prompt conversation, ending with a user turn) and "prompt"
+    (the last user message). Malformed records are a DataError naming the file and line.
+    """
+    records = []
+    for path in data_files(paths):
+        for where, raw in iter_records(path):
+            if not isinstance(raw, dict) or not ("prompt" in raw or "messages" in raw):
+                raise DataError(f"{where}: a GRPO prompt record needs \"prompt\" (text or messages) or "
+                                f"\"messages\", found {describe_keys(raw)}")
+            record = dict(raw)
+            if isinstance(raw.get("prompt"), str):
+                messages = [{"role": "user", "content": raw["prompt"]}]
+            else:
+                messages = parse_messages(raw.get("prompt", raw.get("messages")), where)
+                if messages and messages[-1]["role"] == "assistant":
+                    record.setdefault("answer", messages[-1]["content"])
+                    messages = messages[:-1]
+            problem = message_problem([*messages, {"role": "assistant", "content": "x"}])
+            if problem:
+                raise DataError(f"{where}: the prompt is not a conversation awaiting an answer: {problem}")
+            record["messages"], record["prompt"] = messages, messages[-1]["content"]
+            records.append(record)
+    if not records:
+        raise DataError(f"no prompts in {', '.join(map(str, paths))}")
+    return records
+
+
+def task_prompt_records(tasks: str, count: int, seed: int, split: str) -> list[dict[str, Any]]:
+    """`count` prompts per task from acornlm.eval.tasks (`split` "train" or "heldout"), with answers."""
+    return [{"messages": example.messages(with_answer=False), "prompt": example.prompt,
+             "answer": example.answer, "task": example.task}
+            for example in make_dataset(tasks, count, seed, split)]
+
+
+# --- sampling groups and the loss ---
+
+def sample_seed(seed: int, *position: int) -> int:
+    """A sampling seed that is a pure function of the run's seed and the position in training."""
+    return int(np.random.SeedSequence([seed, *position]).generate_state(1)[0])
+
+
+def sample_completions(model: Transformer, prompt_ids: Sequence[int], params: SamplingParams,
+                       vocab_size: int, stop_ids: Sequence[int]) -> list[list[int]]:
+    """`params.num_samples` completions of one prompt via acornlm's batched generation.
+
+    A completion that stopped on its own ends with <|im_end|>, so training also teaches when to
+    stop; one cut at max_new_tokens ends without it.
+    """
+    completions: list[list[int]] = [[] for _ in range(params.num_samples)]
+    stopped = [False] * params.num_samples
+    for step_tokens in generate_batch(model, prompt_ids, params, eos_ids=stop_ids, vocab_size=vocab_size):
+        for row, token in enumerate(step_tokens):
+            if token is None:
+                stopped[row] = True
+            elif not stopped[row]:
+                completions[row].append(token)
+    return [ids + [IM_END_ID] if done else ids for ids, done in zip(completions, stopped)]
+
+
+class GRPOBatches:
+    """The Trainer's batch source for GRPO: samples groups with the current policy, then scores them.
+
+    `batch(step, micro_step)` picks `batch_size` prompts (a pure function of the step), samples
+    `group_size` completions of each from `model` (the very object the Trainer trains) with a
+    seed derived from (seed, step, micro_step, rank, slot), rewards them and returns input_ids /
+    targets / mask [prompts x G, longest - 1] with the group-normalised advantages.
+    `eval_batch(i)` answers held-out prompts greedily and returns only their rewards.
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, train: Sequence[dict[str, Any]],
+                 val: Sequence[dict[str, Any]], rewards: RewardRunner, *, group_size: int, batch_size: int,
+                 max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 seq_len: int | None = None, rank: int = 0, world_size: int = 1, grad_accum_steps: int = 1) -> None:
+        self.model, self.tokenizer, self.rewards = model, tokenizer, rewards
+        self.seq_len = seq_len or model.config.max_position_embeddings
+        self.group_size, self.batch_size, self.seed = group_size, batch_size, seed
+        self.rank, self.world_size, self.grad_accum_steps = rank, world_size, grad_accum_steps
+        self.sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+                         "top_p": top_p}
+        SamplingParams(**self.sampling)  # validate now, not at the first step
+        self.stop_ids = (IM_END_ID, tokenizer.eot_id)
+        self.train, self.train_ids = self._fitting(train, "training")
+        self.val, self.val_ids = self._fitting(val, "validation")
+        mean_prompt = sum(map(len, self.train_ids)) / len(self.train_ids)
+        self.tokens_per_step = round((mean_prompt + max_new_tokens) * group_size * batch_size
+                                     * grad_accum_steps * world_size)
+
+    def _fitting(self, records: Sequence[dict[str, Any]], split: str) -> tuple[list[dict[str, Any]], list[list[int]]]:
+        """The records whose prompt leaves room for max_new_tokens within train.seq_len, and their ids.
+
+        A row is prompt + completion minus its last token, so prompt + max_new_tokens <= seq_len + 1.
+        """
+        budget = self.seq_len + 1 - self.sampling["max_new_tokens"]
+        kept, ids = [], []
+        for record in records:
+            prompt_ids = render_prompt(self.tokenizer, record["messages"])
+            if len(prompt_ids) <= budget:
+                kept.append(record)
+                ids.append(prompt_ids)
+        if not kept:
+            raise ConfigError(f"no {split} prompt fits train.seq_len={self.seq_len} with --max_new_tokens "
+                              f"{self.sampling['max_new_tokens']}; raise train.seq_len or lower --max_new_tokens")
+        if len(kept) < len(records):
+            log(f"grpo: dropped {len(records) - len(kept)} of {len(records)} {split} prompts longer than {budget} "
+                "tokens (train.seq_len + 1 - max_new_tokens)", DistributedContext(self.rank, self.world_size))
+        return kept, ids
+
+    def _generate(self, prompt_ids: list[int], params: SamplingParams) -> list[list[int]]:
+        was_training = self.model.training
+        self.model.eval()  # no dropout while sampling
+        try:
+            return sample_completions(self.model, prompt_ids, params, self.tokenizer.vocab_size, self.stop_ids)
+        finally:
+            self.model.train(was_training)
+
+    def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
+        indices = example_indices(len(self.train), self.seed, step, micro_step, self.batch_size, self.rank,
+                                  self.world_size, self.grad_accum_steps)
+        errors_before = self.rewards.errors
+        sequences, masks, rewards, lengths = [], [], [], []
+        for slot, index in enumerate(indices):
+            prompt_ids, record = self.train_ids[index], self.train[index]
+            params = SamplingParams(**self.sampling, num_samples=self.group_size,
+                                    seed=sample_seed(self.seed, step, micro_step, self.rank, slot))
+            for completion in self._generate(prompt_ids, params):
+                text = self.tokenizer.decode([t for t in completion if t != IM_END_ID])
+                rewards.append(self.rewards.score(text, record))
+                sequences.append(prompt_ids + completion)
+                masks.append([0] * len(prompt_ids) + [1] * len(completion))
+                lengths.append(len(completion))
+        batch = collate_sequences(sequences, masks, self.tokenizer.eot_id)
+        reward_tensor = torch.tensor(rewards, dtype=torch.float32)
+        batch["advantages"] = group_advantages(reward_tensor, self.group_size)
+        batch["rewards"] = reward_tensor
+        batch["reward_errors"] = torch.tensor(float(self.rewards.errors - errors_before))
+        batch["completion_lengths"] = torch.tensor(lengths, dtype=torch.float32)
+        return batch
+
+    def eval_batch(self, index: int) -> dict[str, torch.Tensor]:
+        params = SamplingParams(**{**self.sampling, "temperature": 0.0})
+        rewards = []
+        for i in range(self.batch_size):
+            position = (index * self.batch_size + i) % len(self.val)
+            (completion,) = self._generate(self.val_ids[position], params)
+            text = self.tokenizer.decode([t for t in completion if t != IM_END_ID])
+            rewards.append(self.rewards.score(text, self.val[position]))
+        return {"eval_rewards": torch.tensor(rewards, dtype=torch.float32)}
+
+
+class GRPOLoss:
+    """The Trainer's loss function for GRPO (see `grpo_loss`); logs rewards, KL and clipping.
+
+    In evaluation the batch holds only the rewards of greedy answers to held-out prompts, and the
+    "loss" is minus their mean (lower is better, as for a loss): `val_reward` is the mean itself.
+    """
+
+    def __init__(self, clip_eps: float = 0.2, kl_beta: float = 0.0, reference: nn.Module | None = None) -> None:
+        if not 0 < clip_eps < 1:
+            raise ConfigError(f"--clip_eps must be in (0, 1) (typical: 0.2), got {clip_eps}")
+        if kl_beta < 0:
+            raise ConfigError(f"--kl_beta must be >= 0 (0 = no KL term), got {kl_beta}")
+        self.clip_eps, self.kl_beta = clip_eps, kl_beta
+        self.reference = reference.eval().requires_grad_(False) if reference is not None else None
+        self.metrics = MeanMetrics()
+
+    def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log pi_ref of every target token, from the frozen reference (moved to the batch's device once)."""
+        if self.reference is None:
+            raise ConfigError("a KL term (--kl_beta > 0) needs the reference model")
+        device = batch["input_ids"].device
+        if self.reference.lm_head.weight.device != device:
+            self.reference.to(device)
+        with torch.no_grad():
+            return token_logprobs(self.reference(batch["input_ids"]), batch["targets"])
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "eval_rewards" in batch:
+            mean_reward = batch["eval_rewards"].mean()
+            self.metrics.add(False, {"reward": mean_reward})
+            return -mean_reward
+        logprobs = token_logprobs(model(batch["input_ids"]), batch["targets"])
+        reference = self.reference_logprobs(batch) if self.kl_beta > 0 else None
+        # one update per sampled group: pi_old is the current policy, without gradient
+        out = grpo_loss(logprobs, logprobs.detach(), batch["advantages"], batch["mask"], self.clip_eps,
+                        reference, self.kl_beta)
+        rewards = batch["rewards"]
+        self.metrics.add(model.training, {
+            "reward": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else 0.0,
+            "kl": out.kl, "clipped_fraction": out.clipped_fraction,
+            "completion_length": batch["completion_lengths"].mean(),
+        })
+        self.metrics.add_total(model.training, {"reward_errors": batch["reward_errors"]})
+        return out.loss
+
+    def pop_metrics(self, training: bool) -> dict[str, float]:
+        return self.metrics.pop(training)
+
+
+# --- the stage ---
+
+def grpo_prompts(data: str | Path | Sequence[str | Path] | None, tasks: str | None, num_prompts: int,
+                 val_data: str | Path | Sequence[str | Path] | None, val_fraction: float,
+                 seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """(train prompts, validation prompts, a line describing them) from files or synthetic tasks."""
+    if data is not None:
+        records = load_prompt_records(as_path_list(data))
+        if val_data is not None:
+            return records, load_prompt_records(as_path_list(val_data)), f"{len(records):,} prompts from {data}"
+        train, val = split_conversations(records, val_fraction, seed)  # any sequence splits the same way
+        return train, val or train, f"{len(train):,} prompts from {data} (+{len(val):,} held out)"
+    if tasks is None:
+        raise ConfigError("--data is required (prompts as .jsonl: {\"prompt\": ..., \"answer\": ...}), or --tasks "
+                          "for synthetic prompts rewarded by their checkers")
+    train = task_prompt_records(tasks, num_prompts, seed, "train")
+    val = task_prompt_records(tasks, max(num_prompts // 10, 16), seed, "heldout")
+    return train, val, f"{len(train):,} synthetic prompts from tasks {tasks} (+{len(val):,} held out)"
+
+
+def run_grpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | None, out: str | Path,
+             train_config: TrainConfig, lora: LoraConfig | None = None, *, reward: str = "task",
+             tasks: str | None = None, num_prompts: int = 1000, val_data: str | Path | Sequence[str | Path] | None = None,
+             val_fraction: float = 0.05, group_size: int = 8, max_new_tokens: int = 32, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, clip_eps: float = 0.2, kl_beta: float = 0.0,
+             resume: bool = False) -> dict[str, Any]:
+    """Improve the checkpoint `init` by GRPO on the rewards of its own sampled completions.
+
+    Returns the Trainer's summary plus "val_reward" (mean reward of greedy answers to held-out
+    prompts at the last evaluation) and the reward functions' error counts.
+    """
+    if group_size < 2:
+        raise ConfigError(f"--group_size must be >= 2: advantages compare completions within a group, got {group_size}")
+    functions, names = load_reward_functions(reward)
+    start = resolve_start(init, out, resume, lora, train_config)
+    train_records, val_records, description = grpo_prompts(data, tasks, num_prompts, val_data, val_fraction,
+                                                           train_config.seed)
+    context, device = distributed.setup(train_config.device)
+    try:
+        distributed.log(f"grpo data: {description}; rewards: {', '.join(names)}", context)
+        model = build_policy(start, train_config, context, "grpo")
+        runner = RewardRunner(functions, names)
+        batches = GRPOBatches(model, start.tokenizer, train_records, val_records, runner, group_size=group_size,
+                              batch_size=train_config.batch_size, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_k=top_k, top_p=top_p, seed=train_config.seed,
+                              seq_len=train_config.seq_len, rank=context.rank, world_size=context.world_size,
+                              grad_accum_steps=train_config.grad_accum_steps)
+        reference = load_reference(start) if kl_beta > 0 and not start.lora.enabled else None
+        loss = GRPOLoss(clip_eps, kl_beta, reference)
+        trainer = Trainer(
+            model, train_config, start.out_dir, batches, loss, context=context, device=device,
+            tokenizer_dir=start.source, resume_from=start.checkpoint, write_model=start.write_model,
+            checkpoint_info=start.checkpoint_info(
+                "grpo", data=[str(p) for p in as_path_list(data)] if data is not None else f"tasks:{tasks}",
+                grpo={"reward": reward, "group_size": group_size, "max_new_tokens": max_new_tokens,
+                      "temperature": temperature, "clip_eps": clip_eps, "kl_beta": kl_beta}),
+        )
+        if kl_beta > 0 and start.lora.enabled:
+            # LoRA leaves the base weights untouched: they are the reference, shared, not copied
+            loss.reference = base_model_view(trainer.raw_model).eval().requires_grad_(False)
+        summary = trainer.fit()
+    finally:
+        distributed.teardown()
+    summary.update(final_metrics(start.out_dir, ("val_reward",)))
+    summary["reward_errors"] = dict(runner.errors_by_function)
+    return summary
