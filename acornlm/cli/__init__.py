@@ -71,7 +71,19 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 
 def build_commands() -> dict:
-    from acornlm.cli import align, chat, data, demo, export, finetune, generate, importing, serve, tokenizer, train
+    from acornlm.cli import (
+        align,
+        chat,
+        data,
+        demo,
+        export,
+        finetune,
+        generate,
+        importing,
+        serve,
+        tokenizer,
+        train,
+    )
 
     return {
         "data": {"fetch": data.fetch, "prepare": data.prepare, "synth": finetune.synth},
