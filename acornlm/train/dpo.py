@@ -53,6 +53,7 @@ from acornlm.data.preferences import (
 from acornlm.errors import CheckpointError, ConfigError, DataError
 from acornlm.eval.tasks import make_dataset
 from acornlm.model import ModelConfig, Transformer
+from acornlm.paths import as_path_list
 from acornlm.tokenizer import Tokenizer, load_tokenizer
 from acornlm.train import distributed
 from acornlm.train.checkpointing import remove_abandoned
@@ -564,12 +565,3 @@ def run_dpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | N
                                                  "val_chosen_reward", "val_rejected_reward")))
     summary["data"] = {**dataclasses.asdict(stats), "val_pairs": len(val_encoded), "description": description}
     return summary
-
-
-def as_path_list(paths: str | Path | Sequence[str | Path]) -> list[str | Path]:
-    """One path, a comma-separated list of paths, or a list of paths, as a list."""
-    if isinstance(paths, Path):
-        return [paths]
-    if isinstance(paths, str):
-        return [part.strip() for part in paths.split(",") if part.strip()]
-    return list(paths)

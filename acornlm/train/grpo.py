@@ -40,13 +40,13 @@ from acornlm.eval.tasks import TASKS, make_dataset
 from acornlm.infer.generate import generate_batch
 from acornlm.infer.sampling import SamplingParams
 from acornlm.model import Transformer
+from acornlm.paths import as_path_list
 from acornlm.tokenizer import Tokenizer
 from acornlm.train import distributed
 from acornlm.train.config import TrainConfig
 from acornlm.train.distributed import DistributedContext, log
 from acornlm.train.dpo import (
     MeanMetrics,
-    as_path_list,
     build_policy,
     collate_sequences,
     example_indices,

@@ -33,6 +33,7 @@ from acornlm.data.conversations import Conversation, load_conversations
 from acornlm.data.sft import IGNORE_INDEX, TRUNCATION, SFTBatches, encode_conversations
 from acornlm.errors import CheckpointError, ConfigError
 from acornlm.model import ModelConfig
+from acornlm.paths import as_path_list
 from acornlm.tokenizer import load_tokenizer
 from acornlm.train import distributed
 from acornlm.train.checkpointing import remove_abandoned
@@ -119,9 +120,9 @@ def run_sft(data: str | Path | Sequence[str | Path], init: str | Path | None, ou
     check_context_length(model_config, train_config)
     tokenizer = load_tokenizer(source)
 
-    conversations, load_stats = load_conversations(_as_list(data), data_format)
+    conversations, load_stats = load_conversations(as_path_list(data), data_format)
     if val_data is not None:
-        train_chats, (val_chats, _) = conversations, load_conversations(_as_list(val_data), data_format)
+        train_chats, (val_chats, _) = conversations, load_conversations(as_path_list(val_data), data_format)
     else:
         train_chats, val_chats = split_conversations(conversations, val_fraction, train_config.seed)
     max_tokens = train_config.seq_len + 1  # a row's last token is only a target
@@ -161,7 +162,7 @@ def run_sft(data: str | Path | Sequence[str | Path], init: str | Path | None, ou
                 "stage": "sft",
                 "init": str(init_ckpt),
                 "lora": lora.to_dict() if lora.enabled else None,
-                "data": [str(path) for path in _as_list(data)],
+                "data": [str(path) for path in as_path_list(data)],
                 "tokenizer": {"fingerprint": tokenizer.fingerprint, "kind": tokenizer.kind,
                               "vocab_size": tokenizer.vocab_size},
             },
@@ -173,12 +174,3 @@ def run_sft(data: str | Path | Sequence[str | Path], init: str | Path | None, ou
     summary["data"] = {"load": dataclasses.asdict(load_stats), "encode": dataclasses.asdict(encode_stats),
                        "val_examples": len(val_examples), "train_rows": len(batches)}
     return summary
-
-
-def _as_list(paths: str | Path | Sequence[str | Path]) -> list[str | Path]:
-    """One path, a comma-separated list of paths, or a list of paths, as a list."""
-    if isinstance(paths, Path):
-        return [paths]
-    if isinstance(paths, str):
-        return [part.strip() for part in paths.split(",") if part.strip()]
-    return list(paths)
