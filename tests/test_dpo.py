@@ -269,3 +269,19 @@ def test_dpo_identical_pairs_error_on_request(tiny_checkpoint, tmp_path):
     with pytest.raises(DataError, match="prefs.jsonl:1: chosen and rejected answers are identical"):
         dpo(data=str(data), init=str(tiny_checkpoint), out=str(tmp_path / "run"), train=tiny_train(),
             on_identical="error")
+
+
+def test_dpo_through_the_command_line(tiny_checkpoint, tmp_path, capsys):
+    from acornlm.cli import main
+
+    out = tmp_path / "run"
+    main(["train", "dpo", "--init", str(tiny_checkpoint), "--out", str(out), "--tasks", "sort", "--num-pairs", "16",
+          "--loss-type", "ipo", "--beta", "0.5", "--lora.rank", "2", "--lora.targets", "q_proj,v_proj",
+          "--train.max_steps", "2", "--train.batch_size", "2", "--train.seq_len", "64", "--train.eval_interval", "2",
+          "--train.eval_batches", "1", "--train.progress", "false"])
+    assert "held-out preference accuracy" in capsys.readouterr().err
+    assert (out / "checkpoints" / "step-0000002" / "adapter_config.json").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "dpo", "--init", str(tiny_checkpoint), "--out", str(tmp_path / "x"), "--tasks", "sort",
+              "--label-smoothing", "0.2", "--loss-type", "ipo", "--train.seq_len", "64"])
+    assert exit_info.value.code == 2 and "label_smoothing applies to the sigmoid" in capsys.readouterr().err

@@ -13,14 +13,17 @@ from acornlm.errors import ConfigError
 from acornlm.train.config import TrainConfig
 from acornlm.train.lora import LoraConfig
 
-# Preference tuning moves a trained model a little: a low learning rate, few steps.
-DEFAULT_DPO_TRAIN = TrainConfig(max_steps=200, batch_size=8, seq_len=128, learning_rate=5e-5, min_lr=5e-6,
-                                warmup_steps=10, weight_decay=0.0, eval_interval=50, eval_batches=4,
+# The defaults are the settings of benchmarks/finetune_figures.py, tuned on the small CPU models.
+# Preference tuning moves a trained model a little: few steps, a cosine-decayed learning rate.
+DEFAULT_DPO_TRAIN = TrainConfig(max_steps=300, batch_size=16, seq_len=128, learning_rate=3e-4, min_lr=3e-5,
+                                warmup_steps=10, weight_decay=0.0, eval_interval=100, eval_batches=4,
                                 save_interval=100, log_interval=10)
-# train.batch_size counts prompts per micro-batch: each brings group_size sampled completions.
-DEFAULT_GRPO_TRAIN = TrainConfig(max_steps=100, batch_size=4, seq_len=128, learning_rate=5e-5, min_lr=5e-6,
-                                 warmup_steps=5, weight_decay=0.0, eval_interval=25, eval_batches=8,
-                                 save_interval=50, log_interval=5)
+# train.batch_size counts prompts per micro-batch, each bringing group_size sampled completions. A
+# reward that is right on few samples is a noisy signal: many prompts per step and a low, constant
+# learning rate keep Adam from turning it into a random walk.
+DEFAULT_GRPO_TRAIN = TrainConfig(max_steps=60, batch_size=32, seq_len=128, learning_rate=3e-5, min_lr=3e-5,
+                                 warmup_steps=5, weight_decay=0.0, eval_interval=20, eval_batches=4,
+                                 save_interval=20, log_interval=5)
 DEFAULT_DISTILL_TRAIN = TrainConfig(max_steps=300, batch_size=16, seq_len=128, learning_rate=1e-3, min_lr=1e-4,
                                     warmup_steps=20, weight_decay=0.0, eval_interval=100, eval_batches=4,
                                     save_interval=100, log_interval=10)
