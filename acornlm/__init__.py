@@ -8,11 +8,11 @@
 __version__ = "0.1.0"
 
 
-def load(path, device: str = "auto", dtype=None):
+def load(path, device: str = "auto", dtype=None, quantize: str = "none"):
     """Load a checkpoint for generation: returns an `acornlm.infer.LanguageModel`."""
     from acornlm.infer.api import LanguageModel
 
-    return LanguageModel.from_checkpoint(path, device=device, dtype=dtype)
+    return LanguageModel.from_checkpoint(path, device=device, dtype=dtype, quantize=quantize)
 
 
 __all__ = ["__version__", "load"]

@@ -10,6 +10,8 @@ Candidates (same weights, a random prompt, greedy, exactly --new-tokens tokens e
   loop_mkl        the same loop with acornlm.model.ops.USE_ONEDNN = False (PyTorch's MKL matmuls)
   generate        acornlm.infer.generate.generate_tokens, greedy (the real path)
   generate_sampled  the same with temperature 0.8, top-k 50, top-p 0.9 (the sampler's cost)
+  generate_int8   generate_tokens on a copy with int8 weights (acornlm.infer.quantize, `--quantize int8`);
+                  its bandwidth bound counts the int8 bytes
   hf_llama        transformers LlamaForCausalLM.generate, greedy, use_cache=True
   hf_qwen3        transformers Qwen3ForCausalLM.generate (QK-norm: a little more work)
 
@@ -19,12 +21,14 @@ Prints one JSON object. Usage: python benchmarks/decode_throughput.py [--quick]
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 
 import common
 import torch
 
+from acornlm.infer.quantize import quantize_model
 from acornlm.model import Transformer, ops
 
 
@@ -65,11 +69,13 @@ def hf_generate(hf_model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int
 
 
 def weight_bytes_per_token(model: Transformer) -> int:
-    """Bytes every decoded token must read: all weights, except that an untied input embedding
-    is only looked up (one row), not read whole."""
+    """Bytes every decoded token must read: all weights (int8 ones with their scales), except
+    that an input embedding that is not also the output head is only looked up (one row)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for name, b in model.named_buffers()
+                 if name.endswith(("qweight", "scale")))
     embed = model.model.embed_tokens.weight
-    if not model.config.tie_word_embeddings:
+    if getattr(model.lm_head, "weight", None) is not embed:
         total -= (embed.shape[0] - 1) * embed.shape[1] * embed.element_size()
     if hasattr(model.model, "embed_positions"):
         positions = model.model.embed_positions.weight
@@ -81,6 +87,11 @@ def kv_bytes_per_token(model: Transformer, context: float) -> float:
     """Bytes of cached keys and values read per decoded token at an average context length."""
     c = model.config
     return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * context * 4
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy continuations share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def main() -> None:
@@ -112,6 +123,8 @@ def main() -> None:
         "generate": acornlm_generate(model, prompt, n, temperature=0.0),
         "generate_sampled": acornlm_generate(model, prompt, n, temperature=0.8, top_k=50, top_p=0.9),
     }
+    quantized = quantize_model(copy.deepcopy(model), "int8")
+    candidates["generate_int8"] = acornlm_generate(quantized, prompt, n, temperature=0.0)
     hf_models = {}
     if not args.no_hf and config.family != "gpt2":
         for family in ("llama", "qwen3"):
@@ -124,19 +137,22 @@ def main() -> None:
     times = common.time_interleaved(candidates, repeats=args.repeats, warmup=0)
     bandwidth = bandwidth_bytes / min(times.pop("memory_bandwidth"))
 
-    per_token_bytes = weight_bytes_per_token(model) + kv_bytes_per_token(model, args.prompt_tokens + n / 2)
+    kv_bytes = kv_bytes_per_token(model, args.prompt_tokens + n / 2)
+    per_token_bytes = weight_bytes_per_token(model) + kv_bytes
+    int8_bytes = weight_bytes_per_token(quantized) + kv_bytes
     bound = bandwidth / per_token_bytes
     results = {}
     for name, seconds in times.items():
         tokens_per_s = n / min(seconds)
+        own_bound = bandwidth / int8_bytes if name.endswith("int8") else bound
         results[name] = {
             **common.summarize(seconds),
             "tokens_per_s": round(tokens_per_s, 1),
             "tokens_per_s_median": round(n / statistics.median(seconds), 1),
             "ms_per_token": round(1000 * min(seconds) / n, 3),
-            "fraction_of_bandwidth_bound": round(tokens_per_s / bound, 3),
+            "fraction_of_bandwidth_bound": round(tokens_per_s / own_bound, 3),
         }
-    for ours in ("loop", "generate"):
+    for ours in ("loop", "generate", "generate_int8"):
         for theirs in ("hf_llama", "hf_qwen3", "loop_mkl"):
             if theirs in results:
                 results[ours][f"speedup_vs_{theirs}"] = round(
@@ -150,8 +166,12 @@ def main() -> None:
         "memory_bandwidth_bytes_per_s": round(bandwidth),
         "bytes_read_per_token": round(per_token_bytes),
         "bandwidth_bound_tokens_per_s": round(bound, 1),
+        "int8_bytes_read_per_token": round(int8_bytes),
+        "int8_bandwidth_bound_tokens_per_s": round(bandwidth / int8_bytes, 1),
         "greedy_tokens_match": {name: outputs[name] == outputs["loop"] for name in outputs
                                 if name not in ("loop", "generate_sampled")},
+        "int8_greedy_tokens_equal_to_fp32_before_first_difference": first_difference(
+            outputs["generate_int8"], outputs["loop"]),
         "results": results,
     }, indent=2))
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import acornlm
-from acornlm.checkpoint import load_model, read_checkpoint_config, write_model_files
+from acornlm.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint, write_model_files
 from acornlm.errors import CheckpointError, ConfigError
 from acornlm.export.hf import export_hf
 from acornlm.export.hf_import import import_hf
@@ -175,7 +175,8 @@ LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "v
 GPT2_CONFIG = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": 64, "n_embd": 32,
                "n_layer": 2, "n_head": 4, "n_positions": 64}
 REFUSALS = {
-    "yarn": ({**LLAMA_CONFIG, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'"),
+    "longrope": ({**LLAMA_CONFIG, "rope_scaling": {"rope_type": "longrope", "factor": 4.0}},
+                 "rope_scaling type 'longrope'"),
     "llama3_rope_v5": ({**LLAMA_CONFIG, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}},
                        "rope_parameters type 'llama3'"),
     "mistral_window": ({**LLAMA_CONFIG, "architectures": ["MistralForCausalLM"], "sliding_window": 16},
@@ -246,3 +247,39 @@ def test_cli_and_force(tmp_path, tokenizer_dir, monkeypatch, capsys):
     (tmp_path / "ckpt" / "stale.txt").write_text("old")
     cli.main(["import", "hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"), "--force"])
     assert not (tmp_path / "ckpt" / "stale.txt").exists() and (tmp_path / "ckpt" / "model.safetensors").is_file()
+
+
+def test_imported_model_continues_pretraining_from_its_weights(tmp_path, tokenizer_dir, prepared_data, capsys):
+    """`train pretrain --init CKPT`: the first step's loss is the imported model's loss on that batch."""
+    from conftest import generated_documents
+
+    from acornlm.cli import main
+    from acornlm.data.loader import TokenLoader
+    from acornlm.data.prepare import prepare_data
+    from acornlm.train.pretrain import next_token_loss
+
+    save_hf_model("qwen3", tmp_path / "hf", tokenizer_dir)
+    ckpt = import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in generated_documents(40, seed=3)), "utf-8")
+    data = tmp_path / "data"
+    prepare_data(inputs=[corpus], tokenizer_dir=ckpt, out=data, val_fraction=0.1, workers=1)
+    train = ["--train.max_steps", "2", "--train.batch_size", "2", "--train.seq_len", "32", "--train.eval_interval",
+             "2", "--train.eval_batches", "1", "--train.log_interval", "1", "--train.progress", "false"]
+    main(["train", "pretrain", "--data", str(data), "--out", str(tmp_path / "run"), "--init", str(ckpt), *train])
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    model, _ = load_model(ckpt)
+    with torch.no_grad():
+        expected = next_token_loss(model, TokenLoader(data, "train", batch_size=2, seq_len=32, seed=1337).batch(0))
+    assert first["step"] == 1 and first["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert read_checkpoint_config(resolve_checkpoint(tmp_path / "run"))["init"] == str(ckpt)
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # the model comes from the checkpoint: a contradicting option is refused
+        main(["train", "pretrain", "--data", str(data), "--out", str(tmp_path / "x"), "--init", str(ckpt),
+              "--model.hidden_size", "64", *train])
+    assert "--init continues the model saved in" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # token ids of another tokenizer mean nothing to this model
+        main(["train", "pretrain", "--data", str(prepared_data), "--out", str(tmp_path / "y"), "--init", str(ckpt),
+              *train])
+    assert "tokenizer" in capsys.readouterr().err

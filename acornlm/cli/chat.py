@@ -69,6 +69,7 @@ def chat(
     seed: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    quantize: str = "none",
 ) -> None:
     """Chat with a checkpoint in the terminal: multi-turn, streamed replies, /reset, /set KEY VALUE, /quit.
 
@@ -88,6 +89,8 @@ def chat(
         seed: Random seed of the first reply (later replies use seed + turn number); none = random.
         device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N" or "mps".
         dtype: "auto" (as stored in the checkpoint), "float32", "bfloat16" or "float16".
+        quantize: "none", or "int8": int8 weights in the linear layers, for faster CPU decoding of a few
+            sequences at a time (logits change slightly; see acornlm/infer/quantize.py).
     """
     from acornlm.infer.api import LanguageModel
 
@@ -98,7 +101,7 @@ def chat(
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repetition_penalty=repetition_penalty, seed=seed)
     SamplingParams.from_kwargs(**sampling)  # bad settings fail before the model loads
-    lm = LanguageModel.from_checkpoint(ckpt, device=device, dtype=dtype)
+    lm = LanguageModel.from_checkpoint(ckpt, device=device, dtype=dtype, quantize=quantize)
     run_chat(lm, sampling, system, sys.stdin, sys.stdout)
 
 

@@ -54,6 +54,7 @@ def generate(
     num_samples: int = 1,
     device: str = "auto",
     dtype: str = "auto",
+    quantize: str = "none",
 ) -> None:
     r"""Generate text from a checkpoint, printing it as it is generated.
 
@@ -78,6 +79,8 @@ def generate(
         num_samples: Number of independent samples of the same prompt.
         device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N" or "mps".
         dtype: "auto" (as stored in the checkpoint), "float32", "bfloat16" or "float16".
+        quantize: "none", or "int8": int8 weights in the linear layers, for faster CPU decoding of a few
+            sequences at a time (logits change slightly; see acornlm/infer/quantize.py).
     """
     from acornlm.infer.api import LanguageModel
 
@@ -90,7 +93,7 @@ def generate(
         presence_penalty=presence_penalty, stop=[unescape(s) for s in stop or []], seed=seed,
         num_samples=num_samples,
     )
-    lm = LanguageModel.from_checkpoint(ckpt, device=device, dtype=dtype)
+    lm = LanguageModel.from_checkpoint(ckpt, device=device, dtype=dtype, quantize=quantize)
     out = sys.stdout
     if num_samples == 1:
         out.write(text)

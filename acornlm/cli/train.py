@@ -30,7 +30,7 @@ DEFAULT_TRAIN = TrainConfig()
 
 
 def pretrain(data: str | None = None, out: str | None = None, model: ModelConfig = DEFAULT_MODEL,
-             train: TrainConfig = DEFAULT_TRAIN, resume: bool = False) -> None:
+             train: TrainConfig = DEFAULT_TRAIN, resume: bool = False, init: str | None = None) -> None:
     """Pretrain a language model from zero on prepared data (next-token prediction).
 
     Writes OUT/checkpoints/step-NNNNNNN/ (+ `latest` and `best` pointers), OUT/metrics.jsonl and
@@ -45,6 +45,9 @@ def pretrain(data: str | None = None, out: str | None = None, model: ModelConfig
         train: Optimisation, schedule, evaluation, checkpointing and logging.
         resume: Continue the run in OUT from checkpoints/latest (weights, optimizer, data position, RNG);
             the model comes from the checkpoint. Starts fresh when OUT has no checkpoint yet.
+        init: Start from this checkpoint's weights instead of random ones (continued pretraining, e.g. of a
+            model from `acornlm import hf`); DATA must be prepared with its tokenizer
+            (`acornlm data prepare --tokenizer CKPT`). The model options then come from the checkpoint.
     """
     from acornlm.train.pretrain import run_pretrain
 
@@ -53,7 +56,7 @@ def pretrain(data: str | None = None, out: str | None = None, model: ModelConfig
     if out is None:
         raise ConfigError("--out is required: the run directory for checkpoints and metrics")
     model = dataclasses.replace(model)  # validated, with derived fields filled in
-    summary = run_pretrain(data, out, model, train, resume=resume)
+    summary = run_pretrain(data, out, model, train, resume=resume, init=init)
     if summary["rank"] != 0:
         return
     print(format_summary(summary), file=sys.stderr)

@@ -215,7 +215,7 @@ def replies(lm: LanguageModel, prompts: Sequence[str], max_new_tokens: Sequence[
     for index, prompt_ids in enumerate(ids):
         groups.setdefault(len(prompt_ids), []).append(index)
     texts = [""] * len(prompts)
-    device = model.lm_head.weight.device
+    device = model.device
     with torch.inference_mode():
         for length, members in groups.items():
             budgets = [new_token_budget(length, max_new_tokens[i], context) for i in members]

@@ -73,20 +73,23 @@ class LanguageModel:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto",
-                        dtype: str | torch.dtype | None = None) -> LanguageModel:
+                        dtype: str | torch.dtype | None = None, quantize: str = "none") -> LanguageModel:
         """Load a checkpoint directory (or a run directory's latest checkpoint) for generation.
 
         A LoRA checkpoint (adapter_config.json beside the base weights) loads with its adapter, unmerged.
+        `quantize="int8"` stores the linear layers' weights as int8 (faster CPU decoding, see
+        `acornlm.infer.quantize`).
         """
+        from acornlm.infer.quantize import quantize_model
         from acornlm.train.lora import load_model_with_adapter
 
         ckpt_dir = resolve_checkpoint(path)
         model, info = load_model_with_adapter(ckpt_dir, device=resolve_device(device), dtype=resolve_dtype(dtype))
-        return cls(model, load_tokenizer(ckpt_dir), info)
+        return cls(quantize_model(model, quantize), load_tokenizer(ckpt_dir), info)
 
     @property
     def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
+        return self.model.device
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

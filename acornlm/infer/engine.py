@@ -255,11 +255,10 @@ class Engine:
             stop_token_ids = [tokenizer.eot_id] + [t for t in [tokenizer.token_to_id("<|im_end|>")] if t is not None]
         self.stop_token_ids = set(stop_token_ids)
         self.special_token_ids = {i for i in map(tokenizer.token_to_id, SPECIAL_TOKENS) if i is not None}
-        weight = model.lm_head.weight
-        self.device = weight.device
+        self.device = model.device
         c = model.config
         self.cache = SlotKVCache(c.num_hidden_layers, max_batch, c.num_key_value_heads, c.head_dim,
-                                 self.context_length, weight.dtype, weight.device)
+                                 self.context_length, model.dtype, model.device)
         self.kv_cache_bytes = self.cache.keys.numel() * self.cache.keys.element_size() * 2
         self.decode_steps = 0  # batched forward passes run so far (for tests and /health)
         self.finished = collections.Counter()  # finish reason -> sequences ended that way

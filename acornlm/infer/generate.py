@@ -61,7 +61,7 @@ def generate_batch(model: Transformer, prompt_ids: Sequence[int], params: Sampli
     budget = new_token_budget(len(prompt_ids), params.max_new_tokens, context_length)
     batch_size = params.num_samples
     vocab_size = vocab_size or model.config.vocab_size
-    device = model.lm_head.weight.device
+    device = model.device
     stop_ids = set(eos_ids) | set(params.stop_token_ids)
 
     sampler = TokenSampler(params, prompt_ids, batch_size, vocab_size, device)

@@ -250,8 +250,12 @@ class Transformer(nn.Module):
         return self.lm_head(self.model.norm(x))
 
     def num_params(self, trainable_only: bool = False) -> int:
-        """Distinct parameters (a tied embedding/head matrix counts once)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        """Distinct parameters (a tied embedding/head matrix counts once; int8-quantized weights count too)."""
+        count = sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        if not trainable_only:
+            tied_head = "lm_head.qweight" if self.config.tie_word_embeddings else None  # a copy of the embedding
+            count += sum(b.numel() for name, b in self.named_buffers() if name.endswith("qweight") and name != tied_head)
+        return count
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (PaLM appendix B, as nanoGPT's estimate_mfu): 6N + 12·L·H·Q·T.
@@ -268,13 +272,21 @@ class Transformer(nn.Module):
         c = self.config
         return 6 * n + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (the embedding's: linear layers may hold int8 weights, see infer.quantize)."""
+        return self.model.embed_tokens.weight.dtype
+
     def new_cache(self, batch_size: int, max_length: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
         """A preallocated KV cache for `batch_size` sequences of up to `max_length` tokens."""
         c = self.config
-        param = self.lm_head.weight
         return KVCache(
             num_layers=c.num_hidden_layers, batch_size=batch_size, num_kv_heads=c.num_key_value_heads,
             head_dim=c.head_dim, max_length=max_length or c.max_position_embeddings,
-            dtype=dtype or param.dtype, device=param.device,
+            dtype=dtype or self.dtype, device=self.device,
         )

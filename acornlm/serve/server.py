@@ -30,9 +30,9 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def load_engine(ckpt: str | Path, device: str = "auto", dtype: str = "auto", max_batch: int = 16,
-                max_queue: int | None = None, max_context: int | None = None) -> Engine:
+                max_queue: int | None = None, max_context: int | None = None, quantize: str = "none") -> Engine:
     """The checkpoint's model and tokenizer in an `Engine` (not started)."""
-    lm = LanguageModel.from_checkpoint(ckpt, device=device, dtype=dtype)
+    lm = LanguageModel.from_checkpoint(ckpt, device=device, dtype=dtype, quantize=quantize)
     return Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
 
 

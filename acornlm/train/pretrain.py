@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acornlm.checkpoint import load_model, read_checkpoint_config
+from acornlm.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint
 from acornlm.data.loader import TokenLoader, check_tokenizer, read_meta
 from acornlm.data.prepare import TOKENIZER_SUBDIR
 from acornlm.errors import CheckpointError, ConfigError
@@ -142,28 +142,41 @@ def _tokens_per_byte(meta: dict[str, Any]) -> float | None:
 
 # --- the stage ---
 
+def saved_model_config(checkpoint: Path, info: dict[str, Any], requested: ModelConfig, option: str) -> ModelConfig:
+    """The model a checkpoint holds; model options on the command line may not contradict it."""
+    try:
+        saved = ModelConfig.from_dict(info["model"])
+    except (ConfigError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{checkpoint / 'config.json'}: invalid model section: {exc}") from exc
+    changed = changed_model_fields(requested, saved)
+    if changed:
+        raise ConfigError(
+            f"{option} continues the model saved in {checkpoint}, but the command line changes it: "
+            f"{'; '.join(changed)}. Drop those options, or start a new run with another --out")
+    return saved
+
+
 def run_pretrain(data_dir: str | Path, out_dir: str | Path, model_config: ModelConfig,
-                 train_config: TrainConfig, resume: bool = False) -> dict[str, Any]:
+                 train_config: TrainConfig, resume: bool = False, init: str | Path | None = None) -> dict[str, Any]:
     """Pretrain a Transformer on the prepared data in `data_dir`, writing the run to `out_dir`.
 
+    `init` starts a fresh run from a checkpoint's weights instead of random ones (continued
+    pretraining, e.g. of a model brought in with `acornlm import hf`); its model and tokenizer are
+    kept, so the data must have been prepared with that tokenizer. Optimizer, schedule and step
+    count start anew. On --resume the weights come from the run's own checkpoint.
     Returns the Trainer's summary (params, tokens seen, tokens/s, MFU, final val loss/bpb, ...).
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     meta, tokenizer, tokenizer_dir = read_data(data_dir)
     checkpoint = find_resume_checkpoint(out_dir, resume)
+    init_ckpt = resolve_checkpoint(init) if init is not None and checkpoint is None else None
     if checkpoint is not None:
         info = read_checkpoint_config(checkpoint)
         check_tokenizer_matches(checkpoint, info, meta, data_dir)
-        try:
-            saved = ModelConfig.from_dict(info["model"])
-        except (ConfigError, TypeError) as exc:
-            raise CheckpointError(f"{checkpoint / 'config.json'}: invalid model section: {exc}") from exc
-        changed = changed_model_fields(model_config, saved)
-        if changed:
-            raise ConfigError(
-                f"--resume continues the model saved in {checkpoint}, but the command line changes it: "
-                f"{'; '.join(changed)}. Drop those options, or start a new run with another --out")
-        model_config = saved
+        model_config = saved_model_config(checkpoint, info, model_config, "--resume")
+    elif init_ckpt is not None:
+        check_tokenizer(meta, load_tokenizer(init_ckpt).fingerprint, data_dir, str(init_ckpt))
+        model_config = saved_model_config(init_ckpt, read_checkpoint_config(init_ckpt), model_config, "--init")
     model_config = resolve_vocab_size(model_config, tokenizer, tokenizer_dir)
     check_context_length(model_config, train_config)
 
@@ -177,6 +190,10 @@ def run_pretrain(data_dir: str | Path, out_dir: str | Path, model_config: ModelC
                 remove_abandoned(out_dir, info["step"])
             distributed.barrier()
             model, _ = load_model(checkpoint, device="cpu")
+        elif init_ckpt is not None:
+            distributed.log(f"starting from the weights of {init_ckpt}", context)
+            seed_everything(train_config.seed)
+            model, _ = load_model(init_ckpt, device="cpu")
         else:
             seed_everything(train_config.seed)  # the same initial weights on every rank and every rerun
             model = Transformer(model_config)
@@ -187,6 +204,7 @@ def run_pretrain(data_dir: str | Path, out_dir: str | Path, model_config: ModelC
             checkpoint_info={
                 "stage": "pretrain",
                 "data": str(data_dir),
+                **({"init": str(init_ckpt)} if init_ckpt is not None else {}),
                 "tokenizer": {key: meta["tokenizer"][key] for key in ("fingerprint", "kind", "vocab_size")},
             },
         )
