@@ -312,3 +312,29 @@ def test_slot_cache_move_copies_one_sequence():
     cache.move(src=2, dst=0, length=3)
     assert torch.all(cache.keys[:, 0, :, :3] == 7.0) and torch.all(cache.values[:, 0, :, :3] == 8.0)
     assert torch.all(cache.keys[:, 0, :, 3:] == 0.0)
+
+
+def test_a_failed_prefill_ends_only_its_own_sequence(tokenizer):
+    """A prompt whose prefill fails (e.g. out of memory) gets an error event; the batch goes on."""
+    model = tiny_model(tokenizer.vocab_size)
+    poison = 7
+    real_forward = model.forward
+
+    def forward(input_ids, cache=None, positions=None, attention_mask=None):
+        if input_ids.shape[1] > 1 and bool((input_ids == poison).any()):
+            raise RuntimeError("simulated out of memory")
+        return real_forward(input_ids, cache, positions, attention_mask)
+
+    model.forward = forward
+    engine = Engine(model, tokenizer, max_batch=3, stop_token_ids=[])
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
+    first, failed, last = Collector(), Collector(), Collector()
+    engine.submit(tokenizer.encode("the king"), greedy, on_event=first)
+    engine.submit([poison, 20, 21], greedy, on_event=failed)
+    engine.submit(tokenizer.encode("héllo"), greedy, on_event=last)
+    run_until_idle(engine)
+    assert failed.finish_reason == "error" and "simulated out of memory" in failed.events[-1].error
+    assert failed.tokens == [] and engine.finished["error"] == 1
+    for collector, prompt in ((first, "the king"), (last, "héllo")):
+        assert collector.finish_reason == "length"
+        assert collector.tokens == list(generate_tokens(model, tokenizer.encode(prompt), greedy))

@@ -403,3 +403,21 @@ def test_chat_cli_multi_turn_with_commands(checkpoint, monkeypatch, capsys):
     assert "error: unknown setting 'bogus'" in out and "error: temperature must be >= 0" in out
     assert "max_new_tokens: 4" in out and "(conversation cleared)" in out
     assert out.count("assistant> ") == 2 and "never read" not in out
+
+
+def test_a_client_that_gives_up_on_a_non_streaming_request_frees_its_slot(server, engine, monkeypatch):
+    decode = engine._decode
+
+    def slow_decode() -> None:  # 250 tokens take >= 2.5 s: the client gives up long before
+        time.sleep(0.01)
+        decode()
+
+    monkeypatch.setattr(engine, "_decode", slow_decode)
+    aborted_before = engine.finished["abort"]
+    body = {"model": MODEL, "prompt": "the king", "max_tokens": 250, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with pytest.raises(httpx.ReadTimeout):  # the client stops waiting for the whole reply and hangs up
+        with httpx.Client(timeout=httpx.Timeout(30, read=0.3)) as http:
+            http.post(server.url + "/v1/completions", json=body, headers=headers)
+    assert wait_until(lambda: engine.num_running == 0)
+    assert engine.finished["abort"] == aborted_before + 1

@@ -11,7 +11,7 @@ How a request flows: read the body (size limit), parse JSON, validate with the p
 all of them or stream their events as SSE chunks. The engine thread hands events over with
 `loop.call_soon_threadsafe`, so the event loop never blocks on the model. When a streaming client
 disconnects, Starlette cancels the response; the `finally` cancels the sequences, which frees their
-batch slots before the next decode step.
+batch slots before the next decode step. A non-streaming request watches for the disconnect itself.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -55,6 +55,8 @@ STATIC_DIR = Path(__file__).parent / "static"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 log = logging.getLogger("acornlm.serve")
 RequestT = TypeVar("RequestT", bound=BaseModel)
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away (never seen by it)
 
 
 # --------------------------------------------------------------------------- one request's choices
@@ -119,6 +121,19 @@ class ChoiceRun:
             remaining -= event.finished
             yield index, event
 
+    async def collect_while_connected(self, request: Request) -> list[ChoiceResult] | None:
+        """collect(), or None as soon as the client hangs up (the caller then cancels the run).
+
+        A non-streaming response is only written at the end, so nothing else would notice a
+        client that gave up: its sequences would hold their batch slots until their last token.
+        """
+        collecting = asyncio.ensure_future(self.collect())
+        hang_up = asyncio.ensure_future(wait_for_disconnect(request))
+        done, pending = await asyncio.wait({collecting, hang_up}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        return collecting.result() if collecting in done else None
+
     async def collect(self) -> list[ChoiceResult]:
         results = [ChoiceResult() for _ in self.handles]
         async for index, event in self.events():
@@ -131,6 +146,13 @@ class ChoiceRun:
                 result.finish_reason = event.finish_reason
                 result.completion_tokens = event.completion_tokens
         return results
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the ASGI server reports that the client closed the connection (the request
+    body has been read already, so the next message can only be `http.disconnect`)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def raise_for_failure(event: Event) -> None:
@@ -307,9 +329,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
             return StreamingResponse(chat_stream(run, meta, body.n, body.include_usage, top_logprobs is not None),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         try:
-            results = await run.collect()
+            results = await run.collect_while_connected(request)
         finally:
             run.cancel()
+        if results is None:  # nobody is left to read the response
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
                     "logprobs": {"content": [logprob_entry(lp) for lp in r.logprobs]} if top_logprobs is not None
                     else None, "finish_reason": r.finish_reason} for i, r in enumerate(results)]
@@ -376,9 +400,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
             return StreamingResponse(completion_stream(run, meta, body.include_usage, top_logprobs is not None),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         try:
-            results = await run.collect()
+            results = await run.collect_while_connected(request)
         finally:
             run.cancel()
+        if results is None:  # nobody is left to read the response
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
                     "logprobs": legacy_logprobs(r.logprobs) if top_logprobs is not None else None}
                    for i, r in enumerate(results)]
