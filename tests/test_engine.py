@@ -16,6 +16,8 @@ FAMILIES = {
     "rope_gqa": dict(position="rope", norm="rmsnorm", mlp="swiglu", num_key_value_heads=2, qk_norm=True),
     "gpt2": dict(position="learned", norm="layernorm", mlp="gelu", attention_bias=True, mlp_bias=True,
                  norm_eps=1e-5),
+    "moe": dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                num_shared_experts=1),
 }
 MULTILINGUAL = "你好，世界！ 👩‍💻 🎉 héllo wörld. Emoji 😀😀 and 中文 text. The king and the queen."
 
@@ -337,4 +339,29 @@ def test_a_failed_prefill_ends_only_its_own_sequence(tokenizer):
     assert failed.tokens == [] and engine.finished["error"] == 1
     for collector, prompt in ((first, "the king"), (last, "héllo")):
         assert collector.finish_reason == "length"
+        assert collector.tokens == list(generate_tokens(model, tokenizer.encode(prompt), greedy))
+
+
+def test_waiting_prompts_are_prefilled_together_in_one_forward_pass(tokenizer):
+    model = tiny_model(tokenizer.vocab_size)
+    calls = []
+    real_forward = model.forward
+
+    def forward(input_ids, *args, **kwargs):
+        calls.append(tuple(input_ids.shape))
+        return real_forward(input_ids, *args, **kwargs)
+
+    model.forward = forward
+    engine = Engine(model, tokenizer, max_batch=4, stop_token_ids=[])
+    prompts = ["the king", "你好，世界！ and more", "🎉"]
+    collectors = [Collector() for _ in prompts]
+    greedy = SamplingParams(max_new_tokens=5, temperature=0.0)
+    for prompt, collector in zip(prompts, collectors):
+        engine.submit(tokenizer.encode(prompt), greedy, on_event=collector)
+    engine.step()
+    longest = max(len(tokenizer.encode(p)) for p in prompts)
+    assert calls == [(3, longest), (3, 1)]  # one padded prefill of all three, then one decode step
+    run_until_idle(engine)
+    model.forward = real_forward
+    for prompt, collector in zip(prompts, collectors):  # padding changed nothing
         assert collector.tokens == list(generate_tokens(model, tokenizer.encode(prompt), greedy))

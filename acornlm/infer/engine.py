@@ -128,8 +128,8 @@ class SlotKVCache:
     Buffers are [layers, slots, kv_heads, max_length, head_dim]. Sequences that take part in a
     decode step occupy slots 0..rows-1 (see `Engine`). Two views are handed to the model:
 
-    - `prefill_view(slot)`: a single-sequence cache (the plain `KVCache` interface: `length`,
-      `update`, `advance`) writing into that slot, used to prefill one prompt;
+    - `prefill_view(first_slot, count)`: consecutive slots behind the plain `KVCache` interface
+      (`length`, `update`, `advance`), used to prefill a batch of prompts together;
     - the cache itself, for a decode step of one new token per row: `update` writes each row's key
       at that row's own position and returns keys up to the longest row; the rows' positions and
       the attention mask (a row sees its own positions only) come from `decode_inputs`.
@@ -146,8 +146,8 @@ class SlotKVCache:
         self._positions: torch.Tensor | None = None
         self._span = 0
 
-    def prefill_view(self, slot: int) -> _SlotView:
-        return _SlotView(self, slot)
+    def prefill_view(self, first_slot: int, count: int = 1) -> _SlotView:
+        return _SlotView(self, first_slot, count)
 
     def decode_inputs(self, lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions [rows, 1] and attention mask [rows, 1, 1, span] of a decode step.
@@ -186,11 +186,12 @@ class SlotKVCache:
 
 
 class _SlotView:
-    """One slot of a `SlotKVCache` behind the single-sequence `KVCache` interface (for prefill)."""
+    """Consecutive slots of a `SlotKVCache` behind the plain `KVCache` interface (rows that start
+    together at position 0: a prefill batch)."""
 
-    def __init__(self, cache: SlotKVCache, slot: int) -> None:
-        self.keys = cache.keys[:, slot:slot + 1]  # views: writes land in the shared buffer
-        self.values = cache.values[:, slot:slot + 1]
+    def __init__(self, cache: SlotKVCache, first_slot: int, count: int) -> None:
+        self.keys = cache.keys[:, first_slot:first_slot + count]  # views: writes land in the shared buffer
+        self.values = cache.values[:, first_slot:first_slot + count]
         self.max_length = cache.max_length
         self.length = 0
 
@@ -228,7 +229,8 @@ class Engine:
             The KV cache holds max_batch x max_context positions, so this sets its memory.
         prefill_tokens_per_step: Prompt tokens prefilled per step before the running sequences get their
             next token (at least one prompt is always admitted), so a burst of new requests delays the
-            streams already running by a bounded amount.
+            streams already running by a bounded amount. The prompts admitted in one step are prefilled
+            together in one forward pass, padded to the longest; the budget counts the padded tokens.
 
     Special tokens (<|im_start|> ...) produce no text, as in vLLM's default `skip_special_tokens`,
     so a reply can be sent back as a chat message as it is.
@@ -427,31 +429,70 @@ class Engine:
         self._release(cancelled)
 
     def _admit(self) -> bool:
-        """Prefill waiting sequences into free slots and sample their first token."""
-        admitted = False
-        prefilled = 0
-        while len(self._rows) < self.max_batch:
-            with self._cond:
-                if not self._waiting or (admitted and prefilled + len(self._waiting[0].prompt_ids)
-                                         > self.prefill_tokens_per_step):
+        """Prefill waiting sequences into free slots, as one padded batch, and sample their first tokens."""
+        group = self._take_waiting()
+        if not group:
+            return False
+        try:
+            logits = self._prefill(group, first_slot=len(self._rows))
+            prefilled = list(zip(group, logits))
+        except Exception:  # noqa: BLE001 - e.g. out of memory: find the prompt(s) that fail on their own
+            prefilled = self._prefill_one_by_one(group)
+        finished = []
+        for seq, row_logits in prefilled:
+            seq.length = len(seq.prompt_ids)
+            self._rows.append(seq)
+            token = seq.sampler(row_logits[None])
+            if not self._accept(seq, int(token.item()), row_logits):
+                finished.append(len(self._rows) - 1)
+        self._release(finished)
+        return True
+
+    def _take_waiting(self) -> list[_Sequence]:
+        """The next waiting sequences that fit in the free slots and in this step's prefill budget,
+        counted in padded tokens (each prompt is padded to the longest of the batch); at least one."""
+        group: list[_Sequence] = []
+        longest = 0
+        with self._cond:
+            while self._waiting and len(self._rows) + len(group) < self.max_batch:
+                padded_length = max(longest, len(self._waiting[0].prompt_ids))
+                if group and padded_length * (len(group) + 1) > self.prefill_tokens_per_step:
                     break
-                seq = self._waiting.popleft()
-            admitted = True
-            prefilled += len(seq.prompt_ids)
-            slot = len(self._rows)
+                group.append(self._waiting.popleft())
+                longest = padded_length
+        return group
+
+    def _prefill(self, group: list[_Sequence], first_slot: int) -> torch.Tensor:
+        """One forward pass over the prompts of `group` into slots first_slot, first_slot + 1, ...;
+        returns the logits [len(group), vocab] at each prompt's last position.
+
+        Prompts are right-padded to the longest and need no mask beyond the causal one: a pad token
+        only feeds positions after its prompt's end, and each decode step overwrites the next such
+        position before the sequence's own token attends to it.
+        """
+        lengths = [len(seq.prompt_ids) for seq in group]
+        ids = torch.full((len(group), max(lengths)), self.tokenizer.eot_id, dtype=torch.long)
+        for row, seq in enumerate(group):
+            ids[row, :lengths[row]] = torch.tensor(seq.prompt_ids, dtype=torch.long)
+        ids = ids.to(self.device)
+        logits = self.model(ids, self.cache.prefill_view(first_slot, len(group)))
+        rows = torch.arange(len(group), device=self.device)
+        last = torch.tensor(lengths, device=self.device) - 1
+        return logits[rows, last, :self.vocab_size]
+
+    def _prefill_one_by_one(self, group: list[_Sequence]) -> list[tuple[_Sequence, torch.Tensor]]:
+        """After a failed batch prefill: each prompt alone, so only a prompt that fails by itself
+        ends (with an error event) and the others go on."""
+        prefilled = []
+        for seq in group:
             try:
-                prompt = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
-                logits = self.model(prompt, self.cache.prefill_view(slot))[:, -1, :self.vocab_size]
-            except Exception as exc:  # noqa: BLE001 - e.g. out of memory: only this sequence fails
+                logits = self._prefill([seq], first_slot=len(self._rows) + len(prefilled))
+            except Exception as exc:  # noqa: BLE001
                 self._emit(seq, Event(finish_reason="error", error=f"{type(exc).__name__}: {exc}",
                                       prompt_tokens=len(seq.prompt_ids)))
                 continue
-            seq.length = len(seq.prompt_ids)
-            self._rows.append(seq)
-            token = seq.sampler(logits)
-            if not self._accept(seq, int(token.item()), logits[0]):
-                self._release([slot])
-        return admitted
+            prefilled.append((seq, logits[0]))
+        return prefilled
 
     def _decode(self) -> None:
         """One forward pass over the last token of every running sequence, then one token each."""
