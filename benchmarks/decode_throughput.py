@@ -10,8 +10,9 @@ Candidates (same weights, a random prompt, greedy, exactly --new-tokens tokens e
   loop_mkl        the same loop with acornlm.model.ops.USE_ONEDNN = False (PyTorch's MKL matmuls)
   generate        acornlm.infer.generate.generate_tokens, greedy (the real path)
   generate_sampled  the same with temperature 0.8, top-k 50, top-p 0.9 (the sampler's cost)
-  generate_int8   generate_tokens on a copy with int8 weights (acornlm.infer.quantize, `--quantize int8`);
-                  its bandwidth bound counts the int8 bytes
+  generate_bf16   generate_tokens on a bf16 copy (`--dtype bfloat16`)
+  generate_int8   generate_tokens on a copy with int8 weights (acornlm.infer.quantize, `--quantize int8`)
+                  (each variant's bandwidth bound counts its own weight bytes)
   hf_llama        transformers LlamaForCausalLM.generate, greedy, use_cache=True
   hf_qwen3        transformers Qwen3ForCausalLM.generate (QK-norm: a little more work)
 
@@ -86,7 +87,7 @@ def weight_bytes_per_token(model: Transformer) -> int:
 def kv_bytes_per_token(model: Transformer, context: float) -> float:
     """Bytes of cached keys and values read per decoded token at an average context length."""
     c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * context * 4
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * context * model.dtype.itemsize
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
@@ -123,8 +124,10 @@ def main() -> None:
         "generate": acornlm_generate(model, prompt, n, temperature=0.0),
         "generate_sampled": acornlm_generate(model, prompt, n, temperature=0.8, top_k=50, top_p=0.9),
     }
-    quantized = quantize_model(copy.deepcopy(model), "int8")
-    candidates["generate_int8"] = acornlm_generate(quantized, prompt, n, temperature=0.0)
+    variants = {"generate_bf16": copy.deepcopy(model).to(torch.bfloat16),
+                "generate_int8": quantize_model(copy.deepcopy(model), "int8")}
+    for name, variant in variants.items():
+        candidates[name] = acornlm_generate(variant, prompt, n, temperature=0.0)
     hf_models = {}
     if not args.no_hf and config.family != "gpt2":
         for family in ("llama", "qwen3"):
@@ -137,14 +140,14 @@ def main() -> None:
     times = common.time_interleaved(candidates, repeats=args.repeats, warmup=0)
     bandwidth = bandwidth_bytes / min(times.pop("memory_bandwidth"))
 
-    kv_bytes = kv_bytes_per_token(model, args.prompt_tokens + n / 2)
-    per_token_bytes = weight_bytes_per_token(model) + kv_bytes
-    int8_bytes = weight_bytes_per_token(quantized) + kv_bytes
+    context = args.prompt_tokens + n / 2
+    per_token_bytes = weight_bytes_per_token(model) + kv_bytes_per_token(model, context)
+    variant_bytes = {name: weight_bytes_per_token(v) + kv_bytes_per_token(v, context) for name, v in variants.items()}
     bound = bandwidth / per_token_bytes
     results = {}
     for name, seconds in times.items():
         tokens_per_s = n / min(seconds)
-        own_bound = bandwidth / int8_bytes if name.endswith("int8") else bound
+        own_bound = bandwidth / variant_bytes.get(name, per_token_bytes)
         results[name] = {
             **common.summarize(seconds),
             "tokens_per_s": round(tokens_per_s, 1),
@@ -152,7 +155,7 @@ def main() -> None:
             "ms_per_token": round(1000 * min(seconds) / n, 3),
             "fraction_of_bandwidth_bound": round(tokens_per_s / own_bound, 3),
         }
-    for ours in ("loop", "generate", "generate_int8"):
+    for ours in ("loop", "generate", *variants):
         for theirs in ("hf_llama", "hf_qwen3", "loop_mkl"):
             if theirs in results:
                 results[ours][f"speedup_vs_{theirs}"] = round(
@@ -166,12 +169,12 @@ def main() -> None:
         "memory_bandwidth_bytes_per_s": round(bandwidth),
         "bytes_read_per_token": round(per_token_bytes),
         "bandwidth_bound_tokens_per_s": round(bound, 1),
-        "int8_bytes_read_per_token": round(int8_bytes),
-        "int8_bandwidth_bound_tokens_per_s": round(bandwidth / int8_bytes, 1),
+        "bytes_read_per_token_of_variants": {name: round(b) for name, b in variant_bytes.items()},
+        "bandwidth_bound_tokens_per_s_of_variants": {name: round(bandwidth / b, 1) for name, b in variant_bytes.items()},
         "greedy_tokens_match": {name: outputs[name] == outputs["loop"] for name in outputs
-                                if name not in ("loop", "generate_sampled")},
-        "int8_greedy_tokens_equal_to_fp32_before_first_difference": first_difference(
-            outputs["generate_int8"], outputs["loop"]),
+                                if name not in ("loop", "generate_sampled", *variants)},
+        "greedy_tokens_equal_to_fp32_before_first_difference": {
+            name: first_difference(outputs[name], outputs["loop"]) for name in variants},
         "results": results,
     }, indent=2))
 
