@@ -44,9 +44,19 @@ FAMILIES = {
     # nanoGPT-style GPT-2: no biases at all and an MLP width GPT-2 would not guess (n_inner)
     "gpt2_nobias": dict(position="learned", norm="layernorm", mlp="gelu", norm_bias=False, norm_eps=1e-5,
                         intermediate_size=48),
+    # MoE (tests/test_moe.py has the rest): a gated shared expert (MiniMind2-MoE's layout), GQA
+    "qwen2_moe_shared": dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                             num_shared_experts=1, shared_expert_intermediate_size=40),
+    # QK-norm, no shared expert, top-k weights not renormalised, untied
+    "qwen3_moe": dict(qk_norm=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                      norm_topk_prob=False, tie_word_embeddings=False),
+    # no QK-norm, no shared expert, renormalised top-k: Mixtral
+    "mixtral": dict(num_key_value_heads=2, num_experts=3, num_experts_per_tok=2, moe_intermediate_size=16),
 }
 EXPECTED_CLASS = {"llama_gqa_tied": "LlamaForCausalLM", "llama_untied_bias": "LlamaForCausalLM",
-                  "qwen3_gqa_untied": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "gpt2_nobias": "GPT2LMHeadModel"}
+                  "qwen3_gqa_untied": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "gpt2_nobias": "GPT2LMHeadModel",
+                  "qwen2_moe_shared": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                  "mixtral": "MixtralForCausalLM"}
 
 
 @pytest.fixture(scope="module")
@@ -169,16 +179,18 @@ def test_unrepresentable_models_are_refused_before_writing(tmp_path, tokenizer_d
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-def test_moe_and_rope_scaling_fields_are_refused():
-    config = tiny_config(300)
-    config.num_experts = 4  # what an MoE config will carry
-    config.rope_scaling = {"rope_type": "yarn", "factor": 4.0}
-    problems = architecture_problems(config)["LlamaForCausalLM"]
-    assert any("mixture-of-experts" in p for p in problems) and any("yarn" in p for p in problems)
-    with pytest.raises(ConfigError, match="num_experts"):
+def test_moe_without_an_exact_class_is_refused():
+    config = tiny_config(300, num_experts=4, moe_intermediate_size=16)
+    assert any("mixture-of-experts" in p for p in architecture_problems(config)["LlamaForCausalLM"])
+    assert choose_architecture(config) == "MixtralForCausalLM"
+    # QK-norm with a shared expert: Qwen2-MoE has no QK-norm and Qwen3-MoE no shared expert
+    config = tiny_config(300, num_experts=4, moe_intermediate_size=16, num_shared_experts=1, qk_norm=True)
+    with pytest.raises(ConfigError, match="Qwen2-MoE has no QK-norm.*Qwen3-MoE has no shared expert"):
         choose_architecture(config)
-    config.num_experts, config.rope_scaling = 0, None
-    assert choose_architecture(config) == "LlamaForCausalLM"
+    config = tiny_config(300, num_experts=4, moe_intermediate_size=16, norm_topk_prob=False)
+    with pytest.raises(ConfigError, match="Mixtral always renormalises"):
+        choose_architecture(config)
+    assert choose_architecture(tiny_config(300)) == "LlamaForCausalLM"
 
 
 def test_existing_output_needs_force(tmp_path, tokenizer_dir):

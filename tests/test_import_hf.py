@@ -24,6 +24,8 @@ transformers = pytest.importorskip("transformers", reason="these tests build mod
 VOCAB = 300
 SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+MOE_SHAPE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, decoder_sparse_step=1,
+                 mlp_only_layers=[])
 GPT2_SHAPE = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=48,
                   bos_token_id=0, eos_token_id=0)
 HF_MODELS = {  # name: (config class, model class, config fields)
@@ -33,6 +35,14 @@ HF_MODELS = {  # name: (config class, model class, config fields)
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(SHAPE, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(SHAPE, head_dim=16, tie_word_embeddings=False)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(GPT2_SHAPE, activation_function="gelu_new")),
+    # mixture of experts (every layer sparse); Qwen2-MoE with q/k/v biases, and without (acornlm's layout)
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(SHAPE, **MOE_SHAPE, shared_expert_intermediate_size=40,
+                                                                norm_topk_prob=True)),
+    "qwen2_moe_nobias": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(SHAPE, **MOE_SHAPE, qkv_bias=False,
+                                                                       shared_expert_intermediate_size=40)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(SHAPE, **MOE_SHAPE, head_dim=16)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(SHAPE, intermediate_size=24, num_local_experts=3,
+                                                            num_experts_per_tok=2, sliding_window=None)),
 }
 
 
@@ -83,7 +93,7 @@ def test_import_matches_transformers(tmp_path, tokenizer_dir, name):
         assert isinstance(text, str)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["gpt2", "qwen2", "qwen3", "qwen2_moe_nobias", "qwen3_moe", "mixtral"])
 def test_import_export_import_is_lossless(tmp_path, tokenizer_dir, name):
     save_hf_model(name, tmp_path / "hf", tokenizer_dir, seed=1)
     first = import_hf(tmp_path / "hf", tmp_path / "ckpt1")
@@ -185,7 +195,12 @@ REFUSALS = {
                                "sliding_window=4096 < max_position_embeddings=8192"),
     "qwen2_window": ({**LLAMA_CONFIG, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True},
                      "use_sliding_window"),
-    "moe": ({**LLAMA_CONFIG, "architectures": ["Qwen3MoeForCausalLM"]}, "Qwen3MoeForCausalLM is not supported yet"),
+    "moe_dense_layers": ({**LLAMA_CONFIG, "architectures": ["Qwen3MoeForCausalLM"], "decoder_sparse_step": 2},
+                         "decoder_sparse_step=2"),
+    "moe_mlp_only": ({**LLAMA_CONFIG, "architectures": ["Qwen2MoeForCausalLM"], "mlp_only_layers": [0]},
+                     r"mlp_only_layers=\[0\]"),
+    "mixtral_window": ({**LLAMA_CONFIG, "architectures": ["MixtralForCausalLM"], "sliding_window": 16},
+                       "sliding_window=16"),
     "unknown": ({"architectures": ["BertForMaskedLM"], "model_type": "bert"}, "'BertForMaskedLM' is not supported"),
     "exact_gelu": ({**GPT2_CONFIG, "activation_function": "gelu"}, "activation_function='gelu'"),
     "gelu_llama": ({**LLAMA_CONFIG, "hidden_act": "gelu"}, "hidden_act='gelu'"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from acornlm.errors import ConfigError, DataError
 
@@ -55,6 +56,8 @@ def generate(
     device: str = "auto",
     dtype: str = "auto",
     quantize: str = "none",
+    rope_scaling: dict[str, Any] | None = None,
+    max_position_embeddings: int | None = None,
 ) -> None:
     r"""Generate text from a checkpoint, printing it as it is generated.
 
@@ -81,6 +84,9 @@ def generate(
         dtype: "auto" (as stored in the checkpoint), "float32", "bfloat16" or "float16".
         quantize: "none", or "int8": int8 weights in the linear layers, for faster CPU decoding of a few
             sequences at a time (logits change slightly; see acornlm/infer/quantize.py).
+        rope_scaling: Run beyond the trained length with scaled RoPE, e.g. '{"rope_type": "yarn", "factor": 4}'
+            ("linear" and "dynamic" too; original_max_position_embeddings defaults to the trained length).
+        max_position_embeddings: Longest sequence to accept; default: trained length x rope_scaling factor.
     """
     from acornlm.infer.api import LanguageModel
 
@@ -93,7 +99,8 @@ def generate(
         presence_penalty=presence_penalty, stop=[unescape(s) for s in stop or []], seed=seed,
         num_samples=num_samples,
     )
-    lm = LanguageModel.from_checkpoint(ckpt, device=device, dtype=dtype, quantize=quantize)
+    lm = LanguageModel.from_checkpoint(ckpt, device=device, dtype=dtype, quantize=quantize,
+                                       rope_scaling=rope_scaling, max_position_embeddings=max_position_embeddings)
     out = sys.stdout
     if num_samples == 1:
         out.write(text)

@@ -34,6 +34,7 @@ import torch
 
 from acornlm.checkpoint import load_model, resolve_checkpoint
 from acornlm.errors import CheckpointError, ConfigError
+from acornlm.export.gguf_moe import choose_moe_gguf_architecture, moe_layer_tensors, write_moe_hyperparameters
 from acornlm.model import ModelConfig, Transformer
 from acornlm.tokenizer import Tokenizer, load_tokenizer
 
@@ -43,11 +44,10 @@ FILE_TYPES = ("f32", "f16", "q8_0")
 F16_MAX = 65504.0  # the largest finite float16: bigger weights would become inf
 Q8_0_BLOCK = 32  # q8_0 stores each row in blocks of 32 values sharing one scale
 
-# acornlm family -> llama.cpp architecture. MoE (qwen2moe / qwen3moe) will add entries here.
+# acornlm family -> llama.cpp architecture; MoE models map to qwen2moe / qwen3moe (acornlm.export.gguf_moe).
 ARCHITECTURES = {"llama": "llama", "qwen3": "qwen3", "gpt2": "gpt2"}
-# Config fields of features this exporter does not write yet (MoE, RoPE scaling).
-NOT_YET_EXPORTED = ("num_experts", "num_local_experts", "num_experts_per_tok", "n_routed_experts",
-                    "n_shared_experts", "moe_intermediate_size", "rope_scaling")
+# Config fields of features this exporter does not write yet (MoE).
+NOT_YET_EXPORTED = ("num_local_experts", "n_routed_experts", "n_shared_experts")
 
 
 @dataclass
@@ -142,6 +142,11 @@ def model_name(ckpt_dir: Path, info: dict[str, Any]) -> str:
 
 def choose_architecture(config: ModelConfig) -> str:
     """llama.cpp's architecture for `config`, or a ConfigError naming what it cannot represent."""
+    if getattr(config, "num_experts", 0):
+        problems = rope_scaling_problems(config)
+        if problems:
+            raise ConfigError(f"cannot export this model to GGUF: {'; '.join(problems)}")
+        return choose_moe_gguf_architecture(config)
     for field in NOT_YET_EXPORTED:
         if getattr(config, field, None):
             raise ConfigError(
@@ -152,6 +157,7 @@ def choose_architecture(config: ModelConfig) -> str:
     arch = ARCHITECTURES[family]
     problems = []
     if family in ("llama", "qwen3"):
+        problems += rope_scaling_problems(config)
         if config.norm != "rmsnorm" or config.mlp != "swiglu":
             problems.append(f"llama.cpp's `{arch}` needs norm=rmsnorm and mlp=swiglu "
                             f"(this model has norm={config.norm}, mlp={config.mlp})")
@@ -171,6 +177,42 @@ def choose_architecture(config: ModelConfig) -> str:
     return arch
 
 
+def rope_scaling_problems(config: ModelConfig) -> list[str]:
+    """Why llama.cpp cannot reproduce this model's RoPE scaling exactly ([] = it can, or none is set).
+
+    llama.cpp fixes the RoPE frequencies when it loads the model (no dynamic NTK), computes YaRN's
+    attention factor itself as 0.1·ln(s) + 1 and rounds the ramp's ends outwards (truncate=true).
+    """
+    scaling = config.rope_scaling
+    if not scaling:
+        return []
+    if scaling["rope_type"] == "dynamic":
+        return ["llama.cpp has no dynamic NTK RoPE scaling (its frequencies are fixed at load time); "
+                "use rope_scaling yarn or linear"]
+    custom = [key for key in ("attention_factor", "mscale", "mscale_all_dim") if key in scaling]
+    if custom:
+        return [f"YaRN with {', '.join(custom)}: llama.cpp computes the attention factor itself as 0.1*ln(factor)+1"]
+    if scaling.get("truncate") is False:
+        return ["YaRN with truncate=false: llama.cpp rounds the correction range outwards (truncate=true)"]
+    return []
+
+
+def write_rope_scaling(writer: Any, config: ModelConfig) -> None:
+    """`{arch}.rope.scaling.*`: type, factor, original context length and YaRN's beta_fast/beta_slow."""
+    from gguf import RopeScalingType
+
+    scaling = config.rope_scaling
+    if not scaling:
+        return
+    writer.add_rope_scaling_type(RopeScalingType.YARN if scaling["rope_type"] == "yarn" else RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(scaling["factor"])
+    if "original_max_position_embeddings" in scaling:
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+    if scaling["rope_type"] == "yarn":
+        writer.add_rope_scaling_yarn_beta_fast(scaling.get("beta_fast", 32.0))
+        writer.add_rope_scaling_yarn_beta_slow(scaling.get("beta_slow", 1.0))
+
+
 def write_hyperparameters(writer: Any, arch: str, config: ModelConfig, type: str) -> None:
     """The `{arch}.*` keys llama.cpp reads to build the model, plus general.file_type."""
     from gguf import GGML_QUANT_VERSION, LlamaFileType
@@ -179,6 +221,8 @@ def write_hyperparameters(writer: Any, arch: str, config: ModelConfig, type: str
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
+    if getattr(config, "num_experts", 0):
+        write_moe_hyperparameters(writer, config)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_vocab_size(config.vocab_size)
@@ -188,6 +232,7 @@ def write_hyperparameters(writer: Any, arch: str, config: ModelConfig, type: str
         writer.add_layer_norm_rms_eps(config.norm_eps)
         writer.add_rope_freq_base(config.rope_theta)
         writer.add_rope_dimension_count(config.head_dim)  # RoPE rotates the whole head
+        write_rope_scaling(writer, config)
         writer.add_key_length(config.head_dim)  # head_dim may differ from hidden_size / heads
         writer.add_value_length(config.head_dim)
     file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
@@ -324,6 +369,9 @@ def llama_tensors(config: ModelConfig, state: dict[str, np.ndarray], interleave_
                 key = f"{src}mlp.{proj}.{kind}"
                 if key in state:
                     yield GGUFTensor(f"{dst}{name}.{kind}", state[key], kind == "weight")
+        if config.num_experts:
+            for name, data, follows_type in moe_layer_tensors(config, state, i):
+                yield GGUFTensor(name, data, follows_type)
     yield GGUFTensor("output_norm.weight", state["model.norm.weight"], False)
     if not config.tie_word_embeddings:  # tied: llama.cpp reuses token_embd when `output` is absent
         yield GGUFTensor("output.weight", state["lm_head.weight"], True)

@@ -15,7 +15,8 @@ config.json is written by hand (not by transformers) so that transformers 4.x an
 the same way: top-level `rope_theta` and `rope_scaling` (4.x) next to `rope_parameters` (5.x),
 and both `torch_dtype` (4.x) and `dtype` (5.x).
 
-Adding an architecture (for example Qwen3-MoE once acornlm has MoE layers) means: a branch in
+Mixture-of-experts models (Qwen2-MoE, Qwen3-MoE, Mixtral) live in `acornlm.export.hf_moe`.
+Adding an architecture means: a branch in
 `choose_architecture`, its config fields in `hf_config`, and its weight names in `weights_to_hf`
 (and the inverse in `weights_from_hf`, which `acornlm.export.hf_import` uses).
 """
@@ -46,13 +47,21 @@ from acornlm.checkpoint import (
     resolve_checkpoint,
 )
 from acornlm.errors import CheckpointError, ConfigError
+from acornlm.export.hf_moe import (
+    MOE_MODEL_TYPES,
+    choose_moe_architecture,
+    moe_config_fields,
+    moe_weights_from_hf,
+    moe_weights_to_hf,
+)
 from acornlm.export.model_card import model_card
 from acornlm.model import ModelConfig, Transformer
+from acornlm.model.rope import normalize_rope_scaling
 from acornlm.tokenizer.special_tokens import EOT_TOKEN, IM_END_TOKEN
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LLAMA, QWEN3, GPT2 = "LlamaForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel"
-MODEL_TYPES = {LLAMA: "llama", QWEN3: "qwen3", GPT2: "gpt2"}
+MODEL_TYPES = {LLAMA: "llama", QWEN3: "qwen3", GPT2: "gpt2", **MOE_MODEL_TYPES}
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -99,7 +108,9 @@ class DtypeLoss:
 # ---------------------------------------------------------------------------------------------
 
 def moe_fields(config: ModelConfig) -> list[str]:
-    """The mixture-of-experts settings a config uses (acornlm's MoE layer is not exportable yet)."""
+    """The mixture-of-experts settings a config uses ([] for a dense model, whose MoE fields keep defaults)."""
+    if not getattr(config, "num_experts", 0):
+        return []
     return [name for name in MOE_FIELDS if getattr(config, name, None)]
 
 
@@ -117,9 +128,8 @@ def architecture_problems(config: ModelConfig) -> dict[str, list[str]]:
     c = config
     common = []
     if moe_fields(c):
-        common.append(f"mixture-of-experts layers ({', '.join(moe_fields(c))}) are not exportable yet")
-    if rope_scaling_of(c) is not None:
-        common.append(f"RoPE scaling {rope_scaling_of(c)!r} is not exportable yet")
+        common.append(f"mixture-of-experts layers ({', '.join(moe_fields(c))}) need an MoE class "
+                      "(Qwen2-MoE, Qwen3-MoE or Mixtral: see acornlm.export.hf_moe)")
     llama = list(common)
     if c.position != "rope":
         llama.append(f"position={c.position!r}, but Llama/Qwen3 use rotary positions (rope)")
@@ -151,6 +161,8 @@ def architecture_problems(config: ModelConfig) -> dict[str, list[str]]:
 
 def choose_architecture(config: ModelConfig) -> str:
     """The transformers class for this model, or a ConfigError saying why none fits exactly."""
+    if getattr(config, "num_experts", 0):
+        return choose_moe_architecture(config)
     problems = architecture_problems(config)
     wanted = {"gpt2": GPT2, "qwen3": QWEN3, "llama": LLAMA}[config.family]
     if not problems[wanted]:
@@ -169,6 +181,8 @@ def choose_architecture(config: ModelConfig) -> str:
 
 def weights_to_hf(state: dict[str, torch.Tensor], config: ModelConfig, architecture: str) -> dict[str, torch.Tensor]:
     """acornlm parameter names -> the class's names (a tied lm_head is already absent from `state`)."""
+    if architecture in MOE_MODEL_TYPES:
+        return moe_weights_to_hf(state, config, architecture)
     if architecture in (LLAMA, QWEN3):
         return dict(state)  # acornlm uses Llama/Qwen3 names already
     return gpt2_weights_to_hf(state, config)
@@ -208,6 +222,8 @@ def gpt2_weights_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> d
 
 def weights_from_hf(state: dict[str, torch.Tensor], config: ModelConfig, architecture: str) -> dict[str, torch.Tensor]:
     """The inverse of `weights_to_hf`: the class's names -> acornlm's (biases kept, as GPT-2 has them)."""
+    if architecture in MOE_MODEL_TYPES:
+        return moe_weights_from_hf(state, config, architecture)
     if architecture != GPT2:
         return dict(state)
     get = state.__getitem__
@@ -346,13 +362,36 @@ def stop_token_ids(special: SpecialTokens, info: dict[str, Any]) -> list[int]:
     return ids
 
 
+def hf_rope_scaling(config: ModelConfig) -> dict[str, Any] | None:
+    """The model's RoPE scaling with only the keys transformers takes for its type (None = plain RoPE).
+
+    transformers' linear and dynamic types have no original_max_position_embeddings (dynamic
+    reads the original length from max_position_embeddings, see `rope_fields`).
+    """
+    scaling = normalize_rope_scaling(rope_scaling_of(config))
+    if scaling is None:
+        return None
+    if scaling["rope_type"] in ("linear", "dynamic"):
+        return {"rope_type": scaling["rope_type"], "factor": scaling["factor"]}
+    return scaling
+
+
 def rope_fields(config: ModelConfig) -> dict[str, Any]:
-    """RoPE settings as both transformers 4.x (top-level) and 5.x (`rope_parameters`) read them."""
-    return {
+    """RoPE settings as both transformers 4.x (top-level `rope_theta`, `rope_scaling`) and 5.x
+    (`rope_parameters`) read them.
+
+    transformers' dynamic NTK takes the trained length from `max_position_embeddings` (it does not
+    cap sequences there), so for dynamic scaling this overrides it with original_max_position_embeddings.
+    """
+    scaling = hf_rope_scaling(config)
+    fields = {
         "rope_theta": config.rope_theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_scaling": scaling,
+        "rope_parameters": {"rope_type": "default", **(scaling or {}), "rope_theta": config.rope_theta},
     }
+    if scaling and scaling["rope_type"] == "dynamic":
+        fields["max_position_embeddings"] = config.rope_scaling["original_max_position_embeddings"]
+    return fields
 
 
 def hf_config(config: ModelConfig, architecture: str, special: SpecialTokens, dtype: str) -> dict[str, Any]:
@@ -405,6 +444,8 @@ def hf_config(config: ModelConfig, architecture: str, special: SpecialTokens, dt
         "attention_bias": c.attention_bias,
         "attention_dropout": c.dropout,
     }
+    if architecture in MOE_MODEL_TYPES:
+        return {**fields, **moe_config_fields(c, architecture)}
     if architecture == LLAMA:
         return {**fields, "mlp_bias": c.mlp_bias, "pretraining_tp": 1}
     return {  # Qwen3: every layer attends to the whole context

@@ -8,6 +8,8 @@
 Supported: LlamaForCausalLM, MistralForCausalLM (without a sliding window), Qwen2ForCausalLM,
 Qwen3ForCausalLM and GPT2LMHeadModel. Qwen2 has biases on q/k/v but not on o_proj; acornlm's
 `attention_bias` covers all four, so o_proj gets a zero bias, which computes the same thing.
+Mixture-of-experts: Qwen2MoeForCausalLM, Qwen3MoeForCausalLM and MixtralForCausalLM with every layer
+sparse (names and fields in acornlm.export.hf_moe).
 
 The checkpoint is written in float32 (the dtype training keeps its master weights in), into a
 temporary directory that is renamed at the end, so a refused or failed import leaves nothing.
@@ -15,6 +17,7 @@ temporary directory that is renamed at the end, so a refused or failed import le
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -38,15 +41,17 @@ from acornlm.export.hf import (
     publish,
     weights_from_hf,
 )
+from acornlm.export.hf_moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE, moe_fields_from_hf, qwen2_moe_attention_bias
 from acornlm.model import ModelConfig, Transformer
+from acornlm.model.rope import REQUIRED_KEYS as REQUIRED_ROPE_KEYS
+from acornlm.model.rope import normalize_rope_scaling
 
 MISTRAL, QWEN2 = "MistralForCausalLM", "Qwen2ForCausalLM"
-SUPPORTED = (LLAMA, MISTRAL, QWEN2, QWEN3, GPT2)
-ARCHITECTURE_OF_MODEL_TYPE = {"llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gpt2": GPT2}
+MOE = (QWEN2_MOE, QWEN3_MOE, MIXTRAL)  # acornlm.export.hf_moe
+SUPPORTED = (LLAMA, MISTRAL, QWEN2, QWEN3, GPT2, *MOE)
+ARCHITECTURE_OF_MODEL_TYPE = {"llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gpt2": GPT2,
+                              "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE, "mixtral": MIXTRAL}
 NOT_YET = {  # standard classes acornlm's Transformer cannot compute yet, and why
-    "Qwen3MoeForCausalLM": "mixture-of-experts layers",
-    "Qwen2MoeForCausalLM": "mixture-of-experts layers",
-    "MixtralForCausalLM": "mixture-of-experts layers",
     "Gemma2ForCausalLM": "logit soft-capping and sliding-window layers",
     "Phi3ForCausalLM": "fused qkv/gate-up projections and long-rope scaling",
 }
@@ -57,6 +62,9 @@ DEFAULTS = {
               "sliding_window": 4096},
     QWEN2: {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
     QWEN3: {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+    QWEN2_MOE: {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+    QWEN3_MOE: {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+    MIXTRAL: {"max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
     GPT2: {"n_positions": 1024, "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True,
            "activation_function": "gelu_new", "resid_pdrop": 0.1},
 }
@@ -111,7 +119,8 @@ def option(hf: dict[str, Any], architecture: str, key: str, default: Any = None)
 
 
 def rope_theta_and_problems(hf: dict[str, Any]) -> tuple[float, list[str]]:
-    """RoPE base from `rope_parameters` (transformers 5) or top-level `rope_theta` (4.x); plain RoPE only."""
+    """RoPE base from `rope_parameters` (transformers 5) or top-level `rope_theta` (4.x); plain RoPE
+    or a scaling acornlm computes (see `rope_scaling_from_hf`)."""
     parameters = hf.get("rope_parameters") or {}
     problems = []
     if parameters and "rope_type" not in parameters and all(isinstance(v, dict) for v in parameters.values()):
@@ -119,12 +128,42 @@ def rope_theta_and_problems(hf: dict[str, Any]) -> tuple[float, list[str]]:
         parameters = {}
     for key, setting in (("rope_scaling", hf.get("rope_scaling")), ("rope_parameters", parameters)):
         kind = setting.get("rope_type", setting.get("type")) if isinstance(setting, dict) else None
-        if kind not in (None, "default"):
-            problems.append(f"{key} type {kind!r} (acornlm implements plain RoPE only)")
+        if kind not in (None, "default", *REQUIRED_ROPE_KEYS):
+            problems.append(f"{key} type {kind!r} (acornlm implements plain RoPE and "
+                            f"{', '.join(REQUIRED_ROPE_KEYS)} scaling)")
     partial = parameters.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
     if partial not in (None, 1, 1.0):
         problems.append(f"partial_rotary_factor={partial} (acornlm rotates the whole head)")
     return float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0))), problems
+
+
+def rope_scaling_from_hf(hf: dict[str, Any], max_positions: int) -> tuple[dict[str, Any] | None, int, list[str]]:
+    """acornlm's (rope_scaling, max_position_embeddings, problems) for a config.json's RoPE scaling.
+
+    transformers reads `rope_scaling` before `rope_parameters`. Its dynamic NTK counts from
+    max_position_embeddings (the trained length): acornlm calls that original_max_position_embeddings
+    and accepts factor x as many positions, as it does for YaRN, whose original length defaults to
+    max_position_embeddings (and factor to their ratio) as in transformers.
+    """
+    setting = hf.get("rope_scaling") or hf.get("rope_parameters")
+    kind = setting.get("rope_type", setting.get("type")) if isinstance(setting, dict) else None
+    if kind not in REQUIRED_ROPE_KEYS:
+        return None, max_positions, []  # plain RoPE, or refused by rope_theta_and_problems
+    scaling = {k: v for k, v in setting.items() if k not in ("type", "rope_theta", "partial_rotary_factor")}
+    scaling["rope_type"] = kind
+    if kind == "dynamic":
+        scaling["original_max_position_embeddings"] = max_positions
+    elif kind == "yarn":
+        scaling.setdefault("original_max_position_embeddings", max_positions)
+        if scaling.get("factor") is None and isinstance(max_positions, int):
+            scaling["factor"] = max_positions / scaling["original_max_position_embeddings"]
+    try:
+        scaling = normalize_rope_scaling(scaling)
+    except ConfigError as exc:
+        return None, max_positions, [str(exc)]
+    if "original_max_position_embeddings" in scaling and isinstance(max_positions, int):
+        max_positions = max(max_positions, int(scaling["original_max_position_embeddings"] * scaling["factor"]))
+    return scaling, max_positions, []
 
 
 def llama_family_config(hf: dict[str, Any], architecture: str) -> tuple[dict[str, Any], list[str]]:
@@ -140,6 +179,8 @@ def llama_family_config(hf: dict[str, Any], architecture: str) -> tuple[dict[str
         if window is not None and window < max_positions:
             problems.append(f"sliding_window={window} < max_position_embeddings={max_positions} "
                             "(acornlm attends to the whole context)")
+    rope_scaling, max_positions, rope_problems = rope_scaling_from_hf(hf, max_positions)
+    problems += rope_problems
     layer_types = set(hf.get("layer_types") or ["full_attention"])
     if layer_types != {"full_attention"}:
         problems.append(f"layer_types {sorted(layer_types)} (acornlm has full attention in every layer)")
@@ -154,16 +195,21 @@ def llama_family_config(hf: dict[str, Any], architecture: str) -> tuple[dict[str
         "head_dim": hf.get("head_dim") or 0,
         "max_position_embeddings": max_positions,
         "rope_theta": rope_theta,
+        "rope_scaling": rope_scaling,
         "norm_eps": float(option(hf, architecture, "rms_norm_eps")),
         "tie_word_embeddings": bool(option(hf, architecture, "tie_word_embeddings")),
         "dropout": float(hf.get("attention_dropout") or 0.0),
         "norm": "rmsnorm", "mlp": "swiglu", "position": "rope",
-        "qk_norm": architecture == QWEN3,
+        "qk_norm": architecture in (QWEN3, QWEN3_MOE),
         # Qwen2: q/k/v always have biases and o_proj gets zeros (see the module docstring)
         "attention_bias": True if architecture == QWEN2 else bool(hf.get("attention_bias", False)),
         "mlp_bias": bool(hf.get("mlp_bias", False)) if architecture == LLAMA else False,
         "initializer_range": float(hf.get("initializer_range", 0.02)),
     }
+    if architecture in MOE:  # Qwen2-MoE's q/k/v biases: decided from the weights in import_hf
+        moe_fields, moe_problems = moe_fields_from_hf(hf, architecture)
+        fields.update(moe_fields)
+        problems += moe_problems
     return fields, problems
 
 
@@ -289,7 +335,7 @@ def acornlm_state(weights: dict[str, torch.Tensor], config: ModelConfig, archite
         leftovers = sorted(set(weights) - {"lm_head.weight"} - set(gpt2_names(config)))
         if leftovers:
             raise CheckpointError(f"{source}: unexpected tensors {leftovers[:5]} for {architecture}")
-    if architecture == QWEN2:
+    if architecture == QWEN2 or (architecture == QWEN2_MOE and config.attention_bias):
         for i in range(config.num_hidden_layers):
             state[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(config.hidden_size)
     return {name: tensor.float() for name, tensor in state.items()}
@@ -378,8 +424,10 @@ def import_hf(model_dir: str | Path, out: str | Path, force: bool = False) -> Pa
     check_output_path(out, force, model_dir)
     architecture = architecture_of(hf, model_dir / "config.json")
     config = model_config_from_hf(hf, architecture, model_dir / "config.json")
-    model = build_model(config, acornlm_state(read_hf_weights(model_dir), config, architecture, model_dir),
-                        model_dir)
+    weights = read_hf_weights(model_dir)
+    if architecture == QWEN2_MOE and qwen2_moe_attention_bias(hf, weights):
+        config = dataclasses.replace(config, attention_bias=True)  # q/k/v biases that matter; o_proj gets zeros
+    model = build_model(config, acornlm_state(weights, config, architecture, model_dir), model_dir)
 
     tokenizer, problem = tokenizer_info(model_dir, config.vocab_size)
     if problem:

@@ -24,6 +24,7 @@ from acornlm.infer.generate import generate_batch
 from acornlm.infer.sampling import SamplingParams
 from acornlm.infer.streaming import StreamingDetokenizer
 from acornlm.model import Transformer
+from acornlm.model.rope import extend_context
 from acornlm.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,18 +74,23 @@ class LanguageModel:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto",
-                        dtype: str | torch.dtype | None = None, quantize: str = "none") -> LanguageModel:
+                        dtype: str | torch.dtype | None = None, quantize: str = "none", *,
+                        rope_scaling: dict[str, Any] | None = None,
+                        max_position_embeddings: int | None = None) -> LanguageModel:
         """Load a checkpoint directory (or a run directory's latest checkpoint) for generation.
 
         A LoRA checkpoint (adapter_config.json beside the base weights) loads with its adapter, unmerged.
         `quantize="int8"` stores the linear layers' weights as int8 (faster CPU decoding, see
         `acornlm.infer.quantize`).
+        `rope_scaling` ({"rope_type": "yarn", "factor": 4}, also "linear" or "dynamic") and
+        `max_position_embeddings` run the model beyond its trained length (see `acornlm.model.rope`).
         """
         from acornlm.infer.quantize import quantize_model
         from acornlm.train.lora import load_model_with_adapter
 
         ckpt_dir = resolve_checkpoint(path)
         model, info = load_model_with_adapter(ckpt_dir, device=resolve_device(device), dtype=resolve_dtype(dtype))
+        extend_context(model, rope_scaling, max_position_embeddings)
         return cls(quantize_model(model, quantize), load_tokenizer(ckpt_dir), info)
 
     @property

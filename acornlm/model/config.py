@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from acornlm.errors import ConfigError
+from acornlm.model.rope import normalize_rope_scaling
 
 
 @dataclass
@@ -30,6 +31,10 @@ class ModelConfig:
         head_dim: Width of one head; 0 means hidden_size // num_attention_heads.
         max_position_embeddings: Longest sequence the model accepts (context length).
         rope_theta: RoPE base frequency (10000 for Llama 2, 1e6 for Qwen3/MiniMind).
+        rope_scaling: RoPE scaling to run beyond the trained length, as the Hugging Face dict:
+            {"rope_type": "yarn" | "linear" | "dynamic", "factor": s, "original_max_position_embeddings": L}
+            (L = trained length; YaRN also takes beta_fast, beta_slow, attention_factor, mscale,
+            mscale_all_dim, truncate). null = plain RoPE. See acornlm/model/rope.py.
         norm_eps: Epsilon inside LayerNorm / RMSNorm.
         tie_word_embeddings: Share the input embedding matrix with the output head.
         dropout: Dropout on attention weights and residual branches (0 for pretraining small data-rich runs).
@@ -41,6 +46,15 @@ class ModelConfig:
         mlp_bias: Bias on the feed-forward projections (GPT-2: true; Llama: false).
         norm_bias: Bias in LayerNorm (ignored for RMSNorm).
         initializer_range: Standard deviation of the normal weight initialisation.
+        num_experts: Routed experts of a mixture-of-experts (MoE) feed-forward in every layer; 0 = dense.
+        num_experts_per_tok: Experts each token is routed to (top-k).
+        moe_intermediate_size: Hidden width of one routed expert; 0 = intermediate_size.
+        norm_topk_prob: Renormalise the top-k router probabilities to sum to 1 (Qwen3-MoE, MiniMind).
+        num_shared_experts: 0 or 1: an always-on shared expert with a learned sigmoid gate (Qwen2-MoE).
+        shared_expert_intermediate_size: Hidden width of the shared expert; 0 = moe_intermediate_size.
+        router_aux_loss_coef: Weight of the load-balancing loss added to the training loss (0 = off).
+        aux_loss_type: "token" (Switch/Qwen: over all tokens of the batch) or "sequence" (DeepSeek/MiniMind
+            seq_aux: per sequence, averaged).
     """
 
     vocab_size: int = 6400
@@ -52,6 +66,7 @@ class ModelConfig:
     head_dim: int = 0
     max_position_embeddings: int = 2048
     rope_theta: float = 1e6
+    rope_scaling: dict[str, Any] | None = None
     norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
     dropout: float = 0.0
@@ -63,12 +78,25 @@ class ModelConfig:
     mlp_bias: bool = False
     norm_bias: bool = True
     initializer_range: float = 0.02
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    num_shared_experts: int = 0
+    shared_expert_intermediate_size: int = 0
+    router_aux_loss_coef: float = 0.01
+    aux_loss_type: Literal["token", "sequence"] = "token"
 
     def __post_init__(self) -> None:
         if not self.num_key_value_heads:
             self.num_key_value_heads = self.num_attention_heads
         if not self.head_dim and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if isinstance(self.num_experts, int) and self.num_experts > 0:  # MoE sizes: 0 = inherit
+            self.moe_intermediate_size = self.moe_intermediate_size or self.intermediate_size
+            if self.num_shared_experts:
+                self.shared_expert_intermediate_size = (self.shared_expert_intermediate_size
+                                                        or self.moe_intermediate_size)
         self.validate()
 
     def validate(self) -> None:
@@ -96,10 +124,47 @@ class ModelConfig:
             raise ConfigError(f"RoPE needs an even head_dim, got model.head_dim={self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
+        if self.rope_scaling and self.position != "rope":
+            raise ConfigError(f"model.rope_scaling needs position=rope, got position={self.position!r}")
         choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu"), "position": ("rope", "learned")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        self.validate_moe()
+
+    def validate_moe(self) -> None:
+        """Mixture-of-experts settings: checked only when num_experts > 0 (0 = a dense model)."""
+        if not isinstance(self.num_experts, int) or self.num_experts < 0:
+            raise ConfigError(f"model.num_experts must be an integer >= 0 (0 = dense), got {self.num_experts!r}")
+        if self.num_experts == 0:
+            return
+        k = self.num_experts_per_tok
+        if not isinstance(k, int) or not 1 <= k <= self.num_experts:
+            raise ConfigError(f"model.num_experts_per_tok (top-k) must be between 1 and "
+                              f"model.num_experts={self.num_experts}, got {k!r}")
+        for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"model.{name} must be a positive integer (0 = inherit), got {value!r}")
+        if self.num_shared_experts not in (0, 1):
+            raise ConfigError(f"model.num_shared_experts must be 0 or 1 (one gated shared expert, as Qwen2-MoE), "
+                              f"got {self.num_shared_experts!r}; widen shared_expert_intermediate_size instead")
+        if not isinstance(self.router_aux_loss_coef, (int, float)) or not self.router_aux_loss_coef >= 0:
+            raise ConfigError(f"model.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef!r}")
+        if self.aux_loss_type not in ("token", "sequence"):
+            raise ConfigError(f"model.aux_loss_type must be 'token' or 'sequence', got {self.aux_loss_type!r}")
+        if self.mlp != "swiglu":
+            raise ConfigError(f"model.num_experts={self.num_experts} needs model.mlp=swiglu (experts are SwiGLU), "
+                              f"got {self.mlp!r}")
+        if self.mlp_bias:
+            raise ConfigError("model.mlp_bias=true is not supported with model.num_experts > 0 "
+                              "(experts have no biases, as in Qwen-MoE and Mixtral)")
+
+    @property
+    def is_moe(self) -> bool:
+        """True when the feed-forward is a mixture of experts."""
+        return self.num_experts > 0
 
     @property
     def family(self) -> str:

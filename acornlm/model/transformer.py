@@ -17,7 +17,9 @@ from torch import nn
 from acornlm.errors import ConfigError
 from acornlm.model.config import ModelConfig
 from acornlm.model.kv_cache import KVCache
+from acornlm.model.moe import MoEFeedForward
 from acornlm.model.ops import Linear
+from acornlm.model.rope import dynamic_cos_sin, is_dynamic_beyond, rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -38,15 +40,14 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.norm_bias)
 
 
-def rope_frequencies(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE (Su et al. 2021) angles: angle[p, i] = p * theta^(-2i/d), repeated for both halves.
+def rope_frequencies(head_dim: int, max_positions: int, theta: float,
+                     scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE (Su et al. 2021) angles: angle[p, i] = p * theta^(-2i/d), repeated for both halves,
+    optionally scaled (linear, dynamic NTK, YaRN: see acornlm/model/rope.py).
 
     Returns cos and sin of shape [max_positions, head_dim] in float32.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
-    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64, device="cpu"), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return rope_tables(head_dim, max_positions, theta, scaling)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +150,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = make_norm(config, config.hidden_size)
         self.self_attn = CausalSelfAttention(config, layer_idx)
         self.post_attention_layernorm = make_norm(config, config.hidden_size)
-        self.mlp = FeedForward(config)
+        self.mlp = MoEFeedForward(config) if config.num_experts else FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None,
@@ -193,7 +194,7 @@ class Transformer(nn.Module):
         if c.position == "rope":
             device = self.lm_head.weight.device
             device = "cpu" if device.type == "meta" else device
-            cos, sin = rope_frequencies(c.head_dim, c.max_position_embeddings, c.rope_theta)
+            cos, sin = rope_frequencies(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling)
             self.register_buffer("rope_cos", cos.to(device), persistent=False)
             self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
@@ -211,10 +212,38 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, MoEFeedForward):  # stacked expert weights and the router
+                module.reset_parameters(std, residual_std)
             elif isinstance(module, (RMSNorm, nn.LayerNorm)):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+
+    def rope_for(self, start: int, seq: int, positions: torch.Tensor | None,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for the new tokens: [seq, D] at start..start+seq, or [B, 1, T, D] for `positions`.
+
+        Rows of the precomputed tables, except dynamic NTK past the original length, whose
+        frequencies depend on the current length (the largest position + 1, as in transformers):
+        they are recomputed here for the new tokens only, so with a KV cache the cached keys keep
+        the frequencies of the length at which they were computed (transformers' generate does the same).
+        """
+        c = self.config
+        dynamic = bool(c.rope_scaling) and c.rope_scaling["rope_type"] == "dynamic"
+        length = start + seq
+        if dynamic and positions is not None:  # (a device sync, so only for dynamic NTK)
+            length = int(positions.max()) + 1 if positions.numel() else 0
+        if dynamic and is_dynamic_beyond(c.rope_scaling, length):
+            index = positions if positions is not None else torch.arange(start, start + seq,
+                                                                          device=self.rope_cos.device)
+            cos, sin = dynamic_cos_sin(c.head_dim, c.rope_theta, c.rope_scaling, index, length)
+        elif positions is None:
+            cos, sin = self.rope_cos[start:start + seq], self.rope_sin[start:start + seq]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        if positions is not None:  # one row of angles per sequence, shared by its heads
+            cos, sin = cos[:, None], sin[:, None]
+        return cos.to(dtype), sin.to(dtype)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -237,11 +266,11 @@ class Transformer(nn.Module):
             if self.config.position == "learned":
                 x = x + self.model.embed_positions(torch.arange(start, start + seq, device=input_ids.device))
             else:
-                rope = (self.rope_cos[start:start + seq].to(x.dtype), self.rope_sin[start:start + seq].to(x.dtype))
+                rope = self.rope_for(start, seq, None, x.dtype)
         elif self.config.position == "learned":
             x = x + self.model.embed_positions(positions)
         else:  # one row of angles per sequence, shared by its heads: [B, 1, T, D]
-            rope = (self.rope_cos[positions][:, None].to(x.dtype), self.rope_sin[positions][:, None].to(x.dtype))
+            rope = self.rope_for(0, seq, positions, x.dtype)
         x = self.model.dropout(x)
         for layer in self.model.layers:
             x = layer(x, rope, cache, attention_mask)
@@ -257,13 +286,34 @@ class Transformer(nn.Module):
             count += sum(b.numel() for name, b in self.named_buffers() if name.endswith("qweight") and name != tied_head)
         return count
 
+    def moe_layers(self) -> list[MoEFeedForward]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEFeedForward)]
+
+    def active_params(self) -> int:
+        """Parameters one token uses: all of a dense model; for MoE, the router, the top-k routed
+        experts and the shared expert of each layer instead of every expert."""
+        inactive = sum(moe.total_params() - moe.active_params() for moe in self.moe_layers())
+        return self.num_params() - inactive
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The MoE load-balancing loss of the latest training forward pass, summed over the layers
+        (unweighted: the Trainer multiplies by model.router_aux_loss_coef); None for a dense model."""
+        losses = [moe.aux_loss for moe in self.moe_layers() if moe.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def clear_aux_loss(self) -> None:
+        """Drop the stored load-balancing losses (and the autograd graph they hold)."""
+        for moe in self.moe_layers():
+            moe.aux_loss = None
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (PaLM appendix B, as nanoGPT's estimate_mfu): 6N + 12·L·H·Q·T.
 
         N counts the matrices that multiply (the output head included, the embedding lookups
-        excluded), L layers, H heads, Q head dim, T sequence length.
+        excluded; for MoE only the active experts, see active_params), L layers, H heads,
+        Q head dim, T sequence length.
         """
-        n = self.num_params()
+        n = self.active_params()
         stack = self.model
         if hasattr(stack, "embed_positions"):
             n -= stack.embed_positions.weight.numel()

@@ -154,6 +154,7 @@ class Trainer:
         self.write_model = write_model  # how checkpoints write the model (LoRA: base weights + adapter)
         self.progress = Progress()
         self.last_checkpoint: Path | None = None
+        self.last_aux_loss: float | None = None  # MoE load-balancing loss of the latest step
 
         seed_everything(config.seed + self.context.rank)
         # float32 masters: autocast lowers the precision of the arithmetic, never of the weights.
@@ -175,11 +176,15 @@ class Trainer:
         """Accumulate gradients over the micro-batches, clip, and step unless something is non-finite.
 
         Returns (mean loss over all micro-batches and ranks, gradient norm before clipping, skipped).
+        A mixture-of-experts model's load-balancing loss, model.router_aux_loss_coef × aux, joins the
+        loss that is differentiated; the returned loss stays the stage's own, and the mean aux loss
+        goes to `self.last_aux_loss` (None for dense models).
         """
         config = self.config
         accum = config.grad_accum_steps
         self.train_model.train()
         loss_sum = torch.zeros((), device=self.device)
+        aux_sum, aux_coef = None, getattr(self.raw_model.config, "router_aux_loss_coef", 0.0)
         for micro_step in range(accum):
             batch = move_to_device(self.batches.batch(step, micro_step), self.device)
             # DDP all-reduces gradients on every backward; only the last micro-step needs it.
@@ -188,10 +193,16 @@ class Trainer:
             with self.train_model.no_sync() if no_sync else contextlib.nullcontext():
                 with self.precision.autocast():
                     loss = self.loss_fn(self.train_model, batch)
-                scaled = loss / accum
+                aux = self.raw_model.aux_loss()
+                self.raw_model.clear_aux_loss()
+                total = loss if aux is None else loss + aux_coef * aux
+                scaled = total / accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach().float()
+            if aux is not None:
+                aux_sum = aux.detach().float() + (0.0 if aux_sum is None else aux_sum)
         mean_loss = all_reduce_mean(loss_sum / accum).item()
+        self.last_aux_loss = None if aux_sum is None else all_reduce_mean(aux_sum / accum).item()
 
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -413,6 +424,8 @@ class Trainer:
             "tokens_seen": progress.tokens_seen, "skipped_steps": progress.skipped_steps,
             **self._stage_metrics(training=True),
         }
+        if self.last_aux_loss is not None:  # MoE load balance: 1 = perfectly even, E = one expert takes all
+            record["aux_loss"] = self.last_aux_loss
         if not diverged and (self._is_due(config.eval_interval) or last):
             record.update(self.evaluate())
             progress.last_val_loss = record["val_loss"]
