@@ -189,6 +189,23 @@ def test_generate_command_takes_rope_scaling(checkpoint, capsys):
     assert capsys.readouterr().out.startswith(prompt)
 
 
+def test_serve_and_chat_take_rope_scaling(checkpoint, monkeypatch):
+    """The server's engine and the chat command load the model with its context extended."""
+    import io
+
+    from acornlm.cli.chat import chat
+    from acornlm.serve.server import load_engine
+
+    scaling = {"rope_type": "yarn", "factor": 4}
+    engine = load_engine(checkpoint, device="cpu", max_batch=1, rope_scaling=scaling)
+    assert engine.context_length == 4 * TRAINED and engine.model.config.rope_scaling["rope_type"] == "yarn"
+    loaded = []
+    monkeypatch.setattr("acornlm.cli.chat.run_chat", lambda lm, *args: loaded.append(lm))
+    monkeypatch.setattr("sys.stdin", io.StringIO("/quit\n"))
+    chat(ckpt=str(checkpoint), device="cpu", rope_scaling=scaling, max_position_embeddings=3 * TRAINED)
+    assert loaded[0].config.max_position_embeddings == 3 * TRAINED
+
+
 def test_model_config_from_command_line_and_yaml(tmp_path, capsys):
     from acornlm import cli
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import fields
-from typing import TextIO
+from typing import Any, TextIO
 
 from acornlm.errors import ConfigError
 
@@ -70,6 +70,8 @@ def chat(
     device: str = "auto",
     dtype: str = "auto",
     quantize: str = "none",
+    rope_scaling: dict[str, Any] | None = None,
+    max_position_embeddings: int | None = None,
 ) -> None:
     """Chat with a checkpoint in the terminal: multi-turn, streamed replies, /reset, /set KEY VALUE, /quit.
 
@@ -91,6 +93,9 @@ def chat(
         dtype: "auto" (as stored in the checkpoint), "float32", "bfloat16" or "float16".
         quantize: "none", or "int8": int8 weights in the linear layers, for faster CPU decoding of a few
             sequences at a time (logits change slightly; see acornlm/infer/quantize.py).
+        rope_scaling: Run beyond the trained length with scaled RoPE, e.g. '{"rope_type": "yarn", "factor": 4}'
+            ("linear" and "dynamic" too; original_max_position_embeddings defaults to the trained length).
+        max_position_embeddings: Longest sequence to accept; default: trained length x rope_scaling factor.
     """
     from acornlm.infer.api import LanguageModel
 
@@ -101,7 +106,8 @@ def chat(
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repetition_penalty=repetition_penalty, seed=seed)
     SamplingParams.from_kwargs(**sampling)  # bad settings fail before the model loads
-    lm = LanguageModel.from_checkpoint(ckpt, device=device, dtype=dtype, quantize=quantize)
+    lm = LanguageModel.from_checkpoint(ckpt, device=device, dtype=dtype, quantize=quantize,
+                                       rope_scaling=rope_scaling, max_position_embeddings=max_position_embeddings)
     run_chat(lm, sampling, system, sys.stdin, sys.stdout)
 
 

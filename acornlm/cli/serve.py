@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from acornlm.errors import ConfigError
 
@@ -24,6 +25,8 @@ def serve(
     device: str = "auto",
     dtype: str = "auto",
     quantize: str = "none",
+    rope_scaling: dict[str, Any] | None = None,
+    max_position_embeddings: int | None = None,
     threads: int = 0,
 ) -> None:
     """Serve a checkpoint over HTTP with the OpenAI API and a chat page at http://HOST:PORT/.
@@ -48,6 +51,9 @@ def serve(
         dtype: "auto" (as stored in the checkpoint), "float32", "bfloat16" or "float16".
         quantize: "none", or "int8": int8 weights in the linear layers, for faster CPU decoding of a few
             sequences at a time (logits change slightly; see acornlm/infer/quantize.py).
+        rope_scaling: Run beyond the trained length with scaled RoPE, e.g. '{"rope_type": "yarn", "factor": 4}'
+            ("linear" and "dynamic" too; original_max_position_embeddings defaults to the trained length).
+        max_position_embeddings: Longest sequence to accept; default: trained length x rope_scaling factor.
         threads: CPU threads for the model's math (0 = PyTorch's default, one per core). On a machine
             shared with other work, 1 often decodes faster than oversubscribed cores.
     """
@@ -73,7 +79,8 @@ def serve(
         import torch
 
         torch.set_num_threads(threads)
-    engine = load_engine(ckpt, device=device, dtype=dtype, quantize=quantize, max_batch=max_batch, max_queue=max_queue,
+    engine = load_engine(ckpt, device=device, dtype=dtype, quantize=quantize,
+                         rope_scaling=rope_scaling, max_position_embeddings=max_position_embeddings, max_batch=max_batch, max_queue=max_queue,
                          max_context=max_context or None)
     name = model_name or Path(ckpt).resolve().name
     limits = ServerLimits(max_output_tokens=max_tokens, max_body_bytes=max_body_bytes)

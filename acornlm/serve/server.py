@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -30,9 +31,11 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def load_engine(ckpt: str | Path, device: str = "auto", dtype: str = "auto", max_batch: int = 16,
-                max_queue: int | None = None, max_context: int | None = None, quantize: str = "none") -> Engine:
+                max_queue: int | None = None, max_context: int | None = None, quantize: str = "none",
+                rope_scaling: dict[str, Any] | None = None, max_position_embeddings: int | None = None) -> Engine:
     """The checkpoint's model and tokenizer in an `Engine` (not started)."""
-    lm = LanguageModel.from_checkpoint(ckpt, device=device, dtype=dtype, quantize=quantize)
+    lm = LanguageModel.from_checkpoint(ckpt, device=device, dtype=dtype, quantize=quantize,
+                                       rope_scaling=rope_scaling, max_position_embeddings=max_position_embeddings)
     return Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
 
 
