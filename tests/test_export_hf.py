@@ -301,3 +301,15 @@ def test_cli(tmp_path, tokenizer_dir, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli_main(["export", "hf", "--ckpt", str(ckpt)], monkeypatch)
     assert "--out is required" in capsys.readouterr().err
+
+
+def test_model_card_describes_experts_and_rope_scaling():
+    from acornlm.export.model_card import architecture_rows
+
+    moe = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, num_shared_experts=1,
+                      rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512})
+    rows = dict(architecture_rows(moe, "Qwen2MoeForCausalLM", 1000))
+    assert rows["feed-forward"] == ("mixture of experts: 4 SwiGLU experts (48 wide), top-2 per token"
+                                    " + 1 gated shared expert (48 wide)")
+    assert rows["positions"] == "RoPE, theta 1e+06, yarn scaling x4 (trained at 512 tokens)"

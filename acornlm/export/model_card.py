@@ -21,6 +21,25 @@ def format_count(value: float) -> str:
     return str(int(value))
 
 
+def feed_forward(c: ModelConfig) -> str:
+    if not c.num_experts:
+        return f"{c.mlp}, {c.intermediate_size} wide"
+    shared = (f" + {c.num_shared_experts} gated shared expert ({c.shared_expert_intermediate_size} wide)"
+              if c.num_shared_experts else "")
+    return (f"mixture of experts: {c.num_experts} SwiGLU experts ({c.moe_intermediate_size} wide), "
+            f"top-{c.num_experts_per_tok} per token{shared}")
+
+
+def positions(c: ModelConfig) -> str:
+    if c.position != "rope":
+        return "learned absolute"
+    scaling = c.rope_scaling
+    if not scaling:
+        return f"RoPE, theta {c.rope_theta:g}"
+    return (f"RoPE, theta {c.rope_theta:g}, {scaling['rope_type']} scaling x{scaling['factor']:g} "
+            f"(trained at {scaling.get('original_max_position_embeddings', '?')} tokens)")
+
+
 def architecture_rows(config: ModelConfig, architecture: str, parameters: int) -> list[tuple[str, str]]:
     c = config
     attention = f"{c.num_attention_heads} query heads, {c.num_key_value_heads} key/value heads, head dim {c.head_dim}"
@@ -29,9 +48,9 @@ def architecture_rows(config: ModelConfig, architecture: str, parameters: int) -
         ("parameters", f"{format_count(parameters)} ({parameters:,})"),
         ("layers", str(c.num_hidden_layers)),
         ("hidden size", str(c.hidden_size)),
-        ("feed-forward", f"{c.mlp}, {c.intermediate_size} wide"),
+        ("feed-forward", feed_forward(c)),
         ("attention", attention + (", QK-norm" if c.qk_norm else "")),
-        ("positions", f"RoPE, theta {c.rope_theta:g}" if c.position == "rope" else "learned absolute"),
+        ("positions", positions(c)),
         ("normalisation", f"{c.norm} (eps {c.norm_eps:g})"),
         ("context length", f"{c.max_position_embeddings} tokens"),
         ("vocabulary", f"{c.vocab_size} tokens"),
