@@ -54,3 +54,15 @@ def other_prepared_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("prepared-other")
     return write_prepared_data(root / "data", generated_documents(120, seed=1), generated_documents(12, seed=2),
                                vocab_size=280)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny models gain nothing from threads, and on a busy 2-core
+    machine thread hand-offs cost 10x. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,13 +22,7 @@ FAMILIES = {
 MULTILINGUAL = "你好，世界！ 👩‍💻 🎉 héllo wörld. Emoji 😀😀 and 中文 text. The king and the queen."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine thread hand-offs cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,7 @@ from acornlm.model import ModelConfig, Transformer
 from acornlm.model.moe import MoEFeedForward, load_balancing_loss
 from acornlm.presets import load_preset
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny shapes gain nothing from threads on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def moe_config(**overrides) -> ModelConfig:

@@ -35,13 +35,7 @@ CORPUS = ["The king speaks to the queen near the river.", "A song at night, brea
           "Friends and enemies walk over the green stone bridge.", "你好，世界 🎉"] * 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine thread hand-offs cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
