@@ -1,6 +1,7 @@
 """Fine-tuning figures: SFT -> GRPO -> DPO on a small model, offline, on a CPU, in minutes.
 
-The pipeline `make demo` runs after pretraining, with the settings written down here:
+The pipeline is acornlm.train.pipeline, which `make demo` also runs after pretraining (with settings
+re-tuned for its pretrained model in acornlm/cli/demo_finetune.py); the settings here are for:
 
   start  a BPE tokenizer (512 tokens) trained on the synthetic tasks' chats and a random 4-layer,
          128-wide model, or --init CKPT (e.g. the demo's pretrained model, same tokenizer needed
@@ -25,11 +26,10 @@ Usage: python benchmarks/finetune_figures.py [--work-dir runs/finetune_figures] 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,61 +38,47 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from acornlm.checkpoint import resolve_checkpoint, write_model_files  # noqa: E402
 from acornlm.data.chat import chat_text  # noqa: E402
-from acornlm.data.preferences import synthetic_preference_pairs  # noqa: E402
-from acornlm.eval.tasks import evaluate_tasks, make_dataset, write_jsonl  # noqa: E402
-from acornlm.infer.api import LanguageModel  # noqa: E402
+from acornlm.eval.tasks import make_dataset  # noqa: E402
 from acornlm.model import ModelConfig, Transformer  # noqa: E402
-from acornlm.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
+from acornlm.tokenizer import train_tokenizer  # noqa: E402
 from acornlm.train.config import TrainConfig  # noqa: E402
-from acornlm.train.dpo import encode_pairs, precompute_reference_logps, run_dpo  # noqa: E402
-from acornlm.train.grpo import run_grpo  # noqa: E402
-from acornlm.train.lora import load_model_with_adapter  # noqa: E402
-from acornlm.train.sft import run_sft  # noqa: E402
-
-SFT_TASKS = "all"
-EVAL_EXAMPLES = 200          # held-out questions per task for the SFT figure
-GRPO_EVAL_EXAMPLES = 500     # held-out arithmetic questions for the GRPO figure (+-2 points of noise)
-DPO_EVAL_PAIRS = 100         # held-out pairs per task for the DPO figure
+from acornlm.train.pipeline import PipelineSettings, load_average, run_pipeline  # noqa: E402
 
 # The settings of each stage (the figures in the module docstring come from these).
 START_MODEL = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                    max_position_embeddings=128, rope_theta=10000.0)
-# GRPO can only sharpen what SFT taught: it needs a base that answers some arithmetic right
-# (about 18% here), so SFT sees extra arithmetic on top of every task.
-SFT_EXAMPLES = 2000              # per task
-SFT_EXTRA_ARITHMETIC = 15000
-SFT_TRAIN = TrainConfig(max_steps=1300, batch_size=32, seq_len=64, learning_rate=3e-3, min_lr=3e-4,
-                        warmup_steps=20, weight_decay=0.0, eval_interval=500, eval_batches=2, save_interval=500,
-                        log_interval=50, progress=False)
-# 32 prompts x 8 samples per step: a low learning rate and a big group batch (smaller batches or
-# a learning rate of 1e-4 made arithmetic *worse*: Adam turns a noisy reward signal into a random walk).
-GRPO = dict(tasks="arithmetic", num_prompts=2000, reward="task", group_size=8, max_new_tokens=8, temperature=1.0)
-GRPO_TRAIN = TrainConfig(max_steps=60, batch_size=32, seq_len=64, learning_rate=3e-5, min_lr=3e-5, warmup_steps=5,
-                         weight_decay=0.0, eval_interval=0, eval_batches=2, save_interval=0, log_interval=5,
-                         progress=False)
-# Pairs of tasks whose right answer a small model can learn to recognise (count needs letter
-# counting inside BPE tokens: about chance for this model, so it is left out).
-DPO = dict(tasks="arithmetic,reverse,sort", num_pairs=1000, beta=0.1)
-DPO_TRAIN = TrainConfig(max_steps=300, batch_size=16, seq_len=64, learning_rate=3e-4, min_lr=3e-5, warmup_steps=10,
-                        weight_decay=0.0, eval_interval=0, eval_batches=4, save_interval=0, log_interval=10,
-                        progress=False)
+SETTINGS = PipelineSettings(
+    # GRPO can only sharpen what SFT taught: it needs a base that answers some arithmetic right
+    # (about 18% here), so SFT sees extra arithmetic on top of every task.
+    sft_train=TrainConfig(max_steps=1300, batch_size=32, seq_len=64, learning_rate=3e-3, min_lr=3e-4,
+                          warmup_steps=20, weight_decay=0.0, eval_interval=500, eval_batches=2, save_interval=500,
+                          log_interval=50, progress=False),
+    sft_examples=2000, sft_extra_arithmetic=15000,
+    # 32 prompts x 8 samples per step: a low learning rate and a big group batch (smaller batches or
+    # a learning rate of 1e-4 made arithmetic *worse*: Adam turns a noisy reward signal into a random walk).
+    grpo_train=TrainConfig(max_steps=60, batch_size=32, seq_len=64, learning_rate=3e-5, min_lr=3e-5, warmup_steps=5,
+                           weight_decay=0.0, eval_interval=0, eval_batches=2, save_interval=0, log_interval=5,
+                           progress=False),
+    dpo_train=TrainConfig(max_steps=300, batch_size=16, seq_len=64, learning_rate=3e-4, min_lr=3e-5, warmup_steps=10,
+                          weight_decay=0.0, eval_interval=0, eval_batches=4, save_interval=0, log_interval=10,
+                          progress=False),
+    eval_examples=200, grpo_eval_examples=500, dpo_eval_pairs=100,
+)
+
+
+def quick(settings: PipelineSettings) -> PipelineSettings:
+    """A few steps of each stage on little data (a smoke test)."""
+    def steps(train: TrainConfig, n: int, **extra) -> TrainConfig:
+        return dataclasses.replace(train, max_steps=n, eval_interval=0, save_interval=0, **extra)
+
+    return dataclasses.replace(settings, sft_train=steps(settings.sft_train, 20), sft_examples=200,
+                               sft_extra_arithmetic=200, grpo_train=steps(settings.grpo_train, 4, batch_size=4),
+                               dpo_train=steps(settings.dpo_train, 4), dpo={**settings.dpo, "num_pairs": 50},
+                               eval_examples=10, grpo_eval_examples=10, dpo_eval_pairs=25)
 
 
 def say(message: str) -> None:
     print(f"[finetune_figures] {message}", file=sys.stderr, flush=True)
-
-
-def load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
-
-
-def accuracy(checkpoint: Path, tasks: str, n: int) -> dict[str, float]:
-    checkpoint = resolve_checkpoint(checkpoint)
-    model, info = load_model_with_adapter(checkpoint)
-    return evaluate_tasks(LanguageModel(model, load_tokenizer(checkpoint), info), tasks, n=n, seed=0)
 
 
 def fresh_start(work: Path) -> Path:
@@ -108,72 +94,6 @@ def fresh_start(work: Path) -> Path:
     return init
 
 
-def timed(label: str, function, *args, **kwargs):
-    say(f"{label} (load average {load_average()})")
-    started = time.perf_counter()
-    result = function(*args, **kwargs)
-    return result, time.perf_counter() - started
-
-
-def stage_sft(work: Path, init: Path, quick: bool) -> tuple[Path, dict]:
-    examples = make_dataset(SFT_TASKS, 200 if quick else SFT_EXAMPLES, seed=0)
-    examples += make_dataset("arithmetic", 200 if quick else SFT_EXTRA_ARITHMETIC, seed=1)
-    data = write_jsonl(examples, work / "sft.jsonl")
-    train = TrainConfig(**{**SFT_TRAIN.__dict__, "max_steps": 20 if quick else SFT_TRAIN.max_steps})
-    before = accuracy(init, SFT_TASKS, 10 if quick else EVAL_EXAMPLES)
-    summary, seconds = timed("sft", run_sft, data, init, work / "sft", train, packing=True)
-    after = accuracy(work / "sft", SFT_TASKS, 10 if quick else EVAL_EXAMPLES)
-    return resolve_checkpoint(work / "sft"), {"steps": summary["steps"], "train_s": round(seconds, 1),
-                                              "accuracy_before": before, "accuracy_after": after}
-
-
-def stage_grpo(work: Path, init: Path, quick: bool) -> tuple[Path, dict]:
-    n = 10 if quick else GRPO_EVAL_EXAMPLES
-    train = TrainConfig(**{**GRPO_TRAIN.__dict__, "max_steps": 4 if quick else GRPO_TRAIN.max_steps,
-                           "batch_size": 4 if quick else GRPO_TRAIN.batch_size})
-    before = accuracy(init, GRPO["tasks"], n)["arithmetic"]
-    summary, seconds = timed("grpo", run_grpo, None, init, work / "grpo", train, **GRPO)
-    after = accuracy(work / "grpo", GRPO["tasks"], n)["arithmetic"]
-    rewards = [json.loads(line).get("reward") for line in (work / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    return resolve_checkpoint(work / "grpo"), {
-        "steps": summary["steps"], "train_s": round(seconds, 1), "arithmetic_accuracy_before": before,
-        "arithmetic_accuracy_after": after, "train_reward_first_logged": rewards[0], "train_reward_last_logged": rewards[-1]}
-
-
-def ranking(policy: Path, reference: Path, tasks: str, n: int, seed: int) -> dict[str, float]:
-    """On held-out pairs: how often the implicit reward, and each model's own log-prob, favours the right answer."""
-    policy, reference = resolve_checkpoint(policy), resolve_checkpoint(reference)
-    tokenizer = load_tokenizer(reference)
-    pairs = synthetic_preference_pairs(make_dataset(tasks, n, seed, "heldout"), seed)
-    encoded = encode_pairs(tokenizer, pairs, DPO_TRAIN.seq_len + 1)
-    if len(encoded) != len(pairs):
-        raise SystemExit("held-out pairs longer than train.seq_len: raise DPO_TRAIN.seq_len")
-    logps = {}
-    for name, path in (("policy", policy), ("reference", reference)):
-        model, _ = load_model_with_adapter(path)
-        logps[name] = precompute_reference_logps(model, encoded, 64, tokenizer.eot_id, torch.device("cpu"))
-    margin = (logps["policy"][:, 0] - logps["reference"][:, 0]) - (logps["policy"][:, 1] - logps["reference"][:, 1])
-    right = margin > 0
-    tasks_of_pairs = [pair.source.removeprefix("synthetic:") for pair in pairs]  # encode_pairs kept them all
-    per_task = {task: right[[t == task for t in tasks_of_pairs]].float().mean().item()
-                for task in dict.fromkeys(tasks_of_pairs)}
-    return {
-        "pairs": len(encoded),
-        "preference_accuracy": right.float().mean().item(),
-        "preference_accuracy_per_task": per_task,
-        "reference_prefers_correct": (logps["reference"][:, 0] > logps["reference"][:, 1]).float().mean().item(),
-        "policy_prefers_correct": (logps["policy"][:, 0] > logps["policy"][:, 1]).float().mean().item(),
-    }
-
-
-def stage_dpo(work: Path, init: Path, quick: bool) -> tuple[Path, dict]:
-    train = TrainConfig(**{**DPO_TRAIN.__dict__, "max_steps": 4 if quick else DPO_TRAIN.max_steps})
-    settings = {**DPO, "num_pairs": 50 if quick else DPO["num_pairs"]}
-    summary, seconds = timed("dpo", run_dpo, None, init, work / "dpo", train, **settings)
-    held_out = ranking(work / "dpo", init, DPO["tasks"], 25 if quick else DPO_EVAL_PAIRS, seed=1)
-    return resolve_checkpoint(work / "dpo"), {"steps": summary["steps"], "train_s": round(seconds, 1), **held_out}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default="runs/finetune_figures")
@@ -184,31 +104,27 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     work = Path(args.work_dir)
-    stages = [s.strip() for s in args.stages.split(",")]
-    for stage in stages:
-        shutil.rmtree(work / stage, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
+    stages = tuple(s.strip() for s in args.stages.split(","))
+    settings = quick(SETTINGS) if args.quick else SETTINGS
+
     def schedule(train: TrainConfig) -> dict:
         return {key: getattr(train, key) for key in ("max_steps", "batch_size", "learning_rate", "min_lr")}
 
-    result: dict = {"settings": {"model": START_MODEL, "sft": schedule(SFT_TRAIN), "grpo": {**GRPO, **schedule(GRPO_TRAIN)},
-                                 "dpo": {**DPO, **schedule(DPO_TRAIN)}}}
-    started = time.perf_counter()
-    checkpoint = Path(args.sft) if args.sft else None
-    if "sft" in stages and checkpoint is None:
-        if args.init:
-            init = resolve_checkpoint(args.init)
-        else:
-            shutil.rmtree(work / "init", ignore_errors=True)
-            shutil.rmtree(work / "tokenizer", ignore_errors=True)
-            init = fresh_start(work)
-        checkpoint, result["sft"] = stage_sft(work, init, args.quick)
-    if checkpoint is None:
+    result: dict = {"settings": {"model": START_MODEL, "sft": schedule(settings.sft_train),
+                                 "grpo": {**settings.grpo, **schedule(settings.grpo_train)},
+                                 "dpo": {**settings.dpo, **schedule(settings.dpo_train)}}}
+    if args.sft:
+        init, stages = resolve_checkpoint(args.sft), tuple(s for s in stages if s != "sft")
+    elif "sft" not in stages:
         raise SystemExit("give --sft CKPT or include the sft stage")
-    for name, stage in (("grpo", stage_grpo), ("dpo", stage_dpo)):
-        if name in stages:
-            checkpoint, result[name] = stage(work, resolve_checkpoint(checkpoint), args.quick)
-    result["total_s"] = round(time.perf_counter() - started, 1)
+    elif args.init:
+        init = resolve_checkpoint(args.init)
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(work / "init", ignore_errors=True)
+        shutil.rmtree(work / "tokenizer", ignore_errors=True)
+        init = fresh_start(work)
+    result.update(run_pipeline(work, init, settings, stages, log=say))
     result["load_average_end"] = load_average()
     print(json.dumps(result, indent=2))
 

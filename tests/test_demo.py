@@ -1,6 +1,9 @@
 """`acornlm demo` (what `make demo` runs), end to end on a small generated corpus."""
 
+import pytest
+
 import acornlm
+from acornlm.checkpoint import resolve_checkpoint
 from acornlm.cli import main
 
 
@@ -14,12 +17,17 @@ def write_corpus(root):
             (root / split / f"work{i}.txt").write_text("".join(lines[(i + j) % 3] for j in range(40)))
 
 
+def demo_args(corpus, out, *extra):
+    return ["demo", "--out", str(out), "--corpus", str(corpus), "--preset", "tiny", "--minutes", "0.05",
+            "--vocab-size", "300", "--max_new_tokens", "8", *extra]
+
+
 def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     corpus = tmp_path / "corpus"
     write_corpus(corpus)
     out = tmp_path / "demo"
-    main(["demo", "--out", str(out), "--corpus", str(corpus), "--preset", "tiny", "--minutes", "0.05",
-          "--vocab-size", "300", "--max_new_tokens", "8"])
+    # a fine-tuning budget under a minute runs every stage briefly, on little data
+    main(demo_args(corpus, out, "--finetune-minutes", "0.1", "--eval-examples", "4"))
     err = capsys.readouterr().err
     assert "before training" in err and "after training" in err
     summary = (out / "summary.md").read_text()
@@ -30,7 +38,43 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     # the trained checkpoint loads through the public API
     lm = acornlm.load(out / "run")
     assert isinstance(lm.generate("Romeo.\n", max_new_tokens=5, temperature=0), str)
-    # a second demo reuses tokenizer and data, and replaces the run
-    main(["demo", "--out", str(out), "--corpus", str(corpus), "--preset", "tiny", "--minutes", "0.05",
-          "--vocab-size", "300", "--max_new_tokens", "8"])
+    # fine-tuning: SFT -> GRPO -> DPO, each from the previous stage, with figures before and after
+    for stage, init in (("sft", out / "run"), ("grpo", out / "sft"), ("dpo", out / "grpo")):
+        info = acornlm.load(out / stage).info
+        assert info["stage"] == stage and info["init"] == str(resolve_checkpoint(init))
+    assert "## Fine-tuning" in summary
+    for figure in ("| arithmetic | ", "before SFT | after SFT", "before GRPO | after GRPO", "before DPO | after DPO",
+                   "| preference accuracy (implicit reward"):
+        assert figure in summary
+    assert "  before: arithmetic" in err and "  after:  arithmetic" in err and "preference accuracy" in err
+    # a second demo reuses tokenizer and data, and replaces the run; --finetune none stops after the export
+    main(demo_args(corpus, out, "--finetune", "none"))
     assert "reusing" in capsys.readouterr().err
+    assert "## Fine-tuning" not in (out / "summary.md").read_text()
+
+
+def test_demo_finetune_lora_settings():
+    from acornlm.cli.demo_finetune import finetune_settings
+    from acornlm.model import ModelConfig
+
+    config = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=96)
+    full = finetune_settings(config, "full", 10.0, 200, 16, 0, "cpu")
+    lora = finetune_settings(config, "lora", 10.0, 200, 16, 0, "cpu")
+    assert not full.sft_lora.enabled and lora.sft_lora.rank == 16
+    assert lora.sft_train.learning_rate > full.sft_train.learning_rate  # adapters learn from small updates
+    assert full.grpo_eval_examples == 500 and full.dpo_eval_pairs == 100
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--finetune", "partial", "--finetune must be one of full, lora, none"),
+    ("--finetune-minutes", "-1", "--finetune_minutes must be > 0"),
+    ("--eval-examples", "0", "--eval_examples must be a positive number"),
+    ("--lora-rank", "0", "--lora_rank must be a positive integer"),
+])
+def test_demo_rejects_bad_finetune_options(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--out", str(tmp_path / "demo"), option, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()  # rejected before any work

@@ -235,6 +235,42 @@ def test_dpo_cli_trains_from_the_reference(tiny_checkpoint, tmp_path, precompute
         assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), reference.state_dict().values()))
 
 
+def test_a_stage_after_lora_sft_starts_from_base_plus_adapter(tiny_checkpoint, tmp_path):
+    """DPO and GRPO from a LoRA SFT run start from (and compare with) what SFT learned: the
+    adapter merged into the base, not the frozen base stored next to the adapter."""
+    from acornlm.checkpoint import load_model
+    from acornlm.train.distributed import DistributedContext
+    from acornlm.train.dpo import build_policy, load_reference, resolve_start
+    from acornlm.train.lora import (
+        LoraConfig,
+        apply_lora,
+        load_model_with_adapter,
+        lora_layers,
+        write_lora_checkpoint,
+    )
+
+    model, _ = load_model(tiny_checkpoint)
+    apply_lora(model, LoraConfig(rank=2, alpha=4.0))
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_()  # a trained adapter is not zero
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    write_lora_checkpoint(sft, model, {"stage": "sft"}, tokenizer_dir=tiny_checkpoint)
+    x = torch.randint(0, model.config.vocab_size, (2, 12))
+    adapted, _ = load_model_with_adapter(sft)
+    expected = adapted(x)
+    assert not torch.allclose(expected, load_model(sft)[0](x), atol=1e-4)  # the base alone differs
+    for lora in (LoraConfig(), LoraConfig(rank=2, alpha=4.0)):
+        start = resolve_start(sft, tmp_path / "run", False, lora, tiny_train())
+        policy = build_policy(start, tiny_train(), DistributedContext(), "dpo").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(policy(x), expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(load_reference(start)(x), expected, atol=1e-5, rtol=1e-5)
+        trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
+        assert all("lora_" in name for name in trainable) if lora.enabled else len(trainable) > 0
+
+
 def test_dpo_resume_is_bitwise_identical(tiny_checkpoint, tmp_path):
     import shutil
 

@@ -1,7 +1,8 @@
 """`acornlm demo`: the whole pipeline on the embedded Shakespeare corpus, as `make demo` runs it.
 
 fetch corpus -> train BPE tokenizer -> prepare data -> sample from the untrained model ->
-pretrain for a wall-clock budget -> sample again from the same prompts -> summary.md + loss curve.
+pretrain for a wall-clock budget -> sample again from the same prompts -> HF export ->
+fine-tune on synthetic tasks (SFT -> GRPO -> DPO, demo_finetune.py) -> summary.md + loss curve.
 Each step is the same function the individual commands call; this file only wires them together.
 """
 
@@ -69,7 +70,8 @@ def print_samples(title: str, samples: dict[str, str]) -> None:
 
 
 def write_summary(path: Path, model_config: ModelConfig, train_config: TrainConfig, summary: dict[str, Any],
-                  before: dict[str, str], after: dict[str, str], export: str = "") -> None:
+                  before: dict[str, str], after: dict[str, str], export: str = "",
+                  finetune: list[str] | None = None) -> None:
     """A short markdown report card of the run."""
     def fmt(value: Any, spec: str = ".4f") -> str:
         return "n/a" if value is None else format(value, spec)
@@ -87,6 +89,7 @@ def write_summary(path: Path, model_config: ModelConfig, train_config: TrainConf
         f"| wall time | {fmt(summary.get('wall_time_s'), '.0f')} s |",
         "", "![loss curve](run/loss_curve.png)", "",
         "## Export", "", "```", export or "not exported", "```", "",
+        *(finetune or []),
         "## Model", "", "```json", json.dumps(model_config.to_dict(), indent=2), "```", "",
         "## Training", "", "```json", json.dumps(dataclasses.asdict(train_config), indent=2), "```", "",
         "## Samples (temperature 0.8, top-k 50)", "",
@@ -107,25 +110,36 @@ def export_for_transformers(run_dir: Path, hf_dir: Path) -> str:
 
 
 def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo", vocab_size: int = 4096,
-         corpus: str | None = None, device: str = "auto", max_new_tokens: int = 160, seed: int = 1337) -> dict:
+         corpus: str | None = None, device: str = "auto", max_new_tokens: int = 160, seed: int = 1337,
+         finetune: str = "full", finetune_minutes: float = 10.0, lora_rank: int = 16,
+         eval_examples: int = 200) -> dict:
     """Run the whole pipeline on the embedded Shakespeare corpus (what `make demo` does).
 
     Fetches the corpus, trains a byte-level BPE tokenizer, prepares the data, prints samples from
     the untrained model, pretrains for MINUTES of wall clock, prints samples from the same prompts
     again, exports it to OUT/hf as a transformers model (verified in transformers when it is
-    installed), and writes OUT/summary.md and OUT/run/loss_curve.png. The corpus, tokenizer and prepared
-    data in OUT are reused when present; the run in OUT/run is replaced.
+    installed). Then it fine-tunes on offline synthetic tasks (arithmetic, reverse, count, sort,
+    identity) for FINETUNE_MINUTES: SFT -> GRPO on arithmetic -> DPO on pairs where the right answer
+    beats a wrong one, printing held-out accuracy before and after each stage (runs in OUT/sft,
+    OUT/grpo, OUT/dpo; `acornlm chat --ckpt OUT/dpo` talks to the result). It writes OUT/summary.md
+    and OUT/run/loss_curve.png. About 18 minutes on 2 quiet CPU cores with the defaults (more when they are busy). The corpus,
+    tokenizer and prepared data in OUT are reused when present; the runs are replaced.
 
     Args:
-        out: Directory for everything the demo writes (corpus/, tokenizer/, data/, run/, summary.md).
-        minutes: Wall-clock training budget in minutes; the cosine schedule is sized to end with it.
+        out: Directory for everything the demo writes (corpus/, tokenizer/, data/, run/, hf/, sft/, grpo/, dpo/, summary.md).
+        minutes: Wall-clock pretraining budget in minutes; the cosine schedule is sized to end with it.
         preset: Model and training preset (see acornlm/presets/).
         vocab_size: BPE vocabulary size.
         corpus: Train on this corpus (files or a folder) instead of the embedded Shakespeare texts.
         device: "auto", "cpu", "cuda" or "mps".
         max_new_tokens: Length of each sample.
         seed: Seed for the model initialisation, the data order and the samples.
+        finetune: After pretraining: "full" (SFT updates every weight), "lora" (SFT trains LoRA adapters only; GRPO and DPO continue from the merged model) or "none" (stop after the export).
+        finetune_minutes: Wall-clock budget of the fine-tuning stages and their evaluations, in minutes.
+        lora_rank: Rank of the LoRA adapters with --finetune lora (alpha = 2 x rank, every linear layer of the blocks).
+        eval_examples: Held-out questions per task behind the SFT accuracies (GRPO's arithmetic figure uses 2.5 x as many, DPO's half as many pairs per task).
     """
+    from acornlm.cli.demo_finetune import check_finetune_options, figure_lines, run_finetune, summary_section
     from acornlm.data.corpus import iter_documents
     from acornlm.data.prepare import prepare_data
     from acornlm.data.shakespeare import fetch_shakespeare
@@ -135,15 +149,17 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
 
     if minutes <= 0:
         raise ConfigError(f"--minutes must be > 0, got {minutes}")
+    check_finetune_options(finetune, finetune_minutes, eval_examples, lora_rank)
+    stages = 7 if finetune == "none" else 8
     started = time.time()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    say("[1/7] corpus")
+    say(f"[1/{stages}] corpus")
     corpus_dir = Path(corpus) if corpus else fetch_shakespeare(out_dir / "corpus")
     train_inputs = [corpus_dir / "train"] if (corpus_dir / "train").is_dir() else [corpus_dir]
 
-    say(f"[2/7] tokenizer: byte-level BPE, {vocab_size} tokens")
+    say(f"[2/{stages}] tokenizer: byte-level BPE, {vocab_size} tokens")
     tok_dir = out_dir / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file() and load_tokenizer(tok_dir).vocab_size == vocab_size:
         tokenizer = load_tokenizer(tok_dir)
@@ -152,7 +168,7 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
         tokenizer = train_tokenizer((d.text for d in iter_documents(train_inputs)), "bpe", vocab_size)
         tokenizer.save(tok_dir)
 
-    say("[3/7] data")
+    say(f"[3/{stages}] data")
     data_dir = out_dir / "data"
     meta_file = data_dir / "meta.json"
     if not (meta_file.is_file() and json.loads(meta_file.read_text())["tokenizer"]["fingerprint"]
@@ -172,28 +188,37 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
                                        warmup_steps=min(train_config.warmup_steps, max(1, steps // 10)))
     say(f"      {steps} optimizer steps fit in {minutes:g} minutes")
 
-    say("[4/7] samples before training")
+    say(f"[4/{stages}] samples before training")
     torch.manual_seed(seed)
     untrained = LanguageModel(Transformer(dataclasses.replace(model_config)).eval(), tokenizer)
     before = sample_all(untrained, PROMPTS, max_new_tokens, seed)
     print_samples("before training", before)
 
-    say(f"[5/7] pretraining {preset} for {minutes:g} minutes")
+    say(f"[5/{stages}] pretraining {preset} for {minutes:g} minutes")
     run_dir = out_dir / "run"
     if run_dir.exists():
         say(f"      replacing the previous demo run in {run_dir}")
         shutil.rmtree(run_dir)
     summary = run_pretrain(data_dir, run_dir, model_config, train_config)
 
-    say("[6/7] samples after training")
+    say(f"[6/{stages}] samples after training")
     lm = LanguageModel.from_checkpoint(run_dir, device="cpu")
     after = sample_all(lm, PROMPTS, max_new_tokens, seed)
     print_samples("after training", after)
 
-    say("[7/7] export to Hugging Face transformers (verified by loading it back)")
+    say(f"[7/{stages}] export to Hugging Face transformers (verified by loading it back)")
     export = export_for_transformers(run_dir, out_dir / "hf")
-    write_summary(out_dir / "summary.md", model_config, train_config, summary, before, after, export)
+    figures = None
+    if finetune != "none":
+        say(f"[8/8] fine-tuning on synthetic tasks for {finetune_minutes:g} minutes: SFT -> GRPO -> DPO")
+        figures = run_finetune(out_dir, run_dir, model_config, finetune, finetune_minutes, eval_examples,
+                               lora_rank, seed, device)
+        summary["finetune"] = figures
+    write_summary(out_dir / "summary.md", model_config, train_config, summary, before, after, export,
+                  summary_section(figures, out_dir) if figures else None)
     say(f"\nval loss {summary.get('val_loss')}, val bits/byte {summary.get('val_bpb')}, "
-        f"{summary.get('tokens_per_s', 0):,.0f} tokens/s; wrote {out_dir / 'summary.md'} "
-        f"in {(time.time() - started) / 60:.1f} minutes")
+        f"{summary.get('tokens_per_s', 0):,.0f} tokens/s")
+    if figures:
+        say("\n".join(figure_lines(figures)))
+    say(f"wrote {out_dir / 'summary.md'} in {(time.time() - started) / 60:.1f} minutes")
     return summary

@@ -64,6 +64,8 @@ from acornlm.train.lora import (
     base_model_view,
     enable_adapter_training,
     load_adapter,
+    load_model_with_adapter,
+    merge_lora,
     parameter_counts,
     write_lora_checkpoint,
 )
@@ -420,7 +422,8 @@ def build_policy(start: StageStart, train_config: TrainConfig, context: distribu
         if context.is_main and isinstance(start.info.get("step"), int):
             remove_abandoned(start.out_dir, start.info["step"])
         distributed.barrier()
-    model, _ = load_model(start.source, device="cpu")
+    # a fresh run starts from --init with its adapter merged; a resumed run's adapter is loaded below
+    model = load_model(start.source, device="cpu")[0] if start.checkpoint is not None else load_merged(start.init)
     if start.lora.enabled:
         if start.checkpoint is not None:
             load_adapter(model, start.checkpoint)
@@ -436,8 +439,14 @@ def build_policy(start: StageStart, train_config: TrainConfig, context: distribu
 
 def load_reference(start: StageStart) -> Transformer:
     """A frozen copy of the starting model (the reference pi_ref), loaded from --init."""
-    reference, _ = load_model(start.init, device="cpu")
-    return reference.eval().requires_grad_(False)
+    return load_merged(start.init).eval().requires_grad_(False)
+
+
+def load_merged(path: Path) -> Transformer:
+    """A checkpoint's model with its LoRA adapter (if it has one) merged in, every weight trainable:
+    a stage after a LoRA SFT run starts from what SFT learned, not from the base under the adapter."""
+    model, _ = load_model_with_adapter(path, device="cpu")
+    return merge_lora(model).requires_grad_(True)
 
 
 def final_metrics(run_dir: Path, names: Sequence[str]) -> dict[str, float]:
