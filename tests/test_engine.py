@@ -157,8 +157,9 @@ class ScriptedModel(Transformer):
         super().__init__(config)
         self.script = script
 
-    def forward(self, input_ids, cache=None, positions=None, attention_mask=None):
-        logits = super().forward(input_ids, cache, positions=positions, attention_mask=attention_mask)
+    def forward(self, input_ids, cache=None, positions=None, attention_mask=None, logits_at=None):
+        logits = super().forward(input_ids, cache, positions=positions, attention_mask=attention_mask,
+                                 logits_at=logits_at)
         if positions is not None:
             last = positions[:, -1].tolist()
         else:
@@ -316,10 +317,10 @@ def test_a_failed_prefill_ends_only_its_own_sequence(tokenizer):
     poison = 7
     real_forward = model.forward
 
-    def forward(input_ids, cache=None, positions=None, attention_mask=None):
+    def forward(input_ids, *args, **kwargs):
         if input_ids.shape[1] > 1 and bool((input_ids == poison).any()):
             raise RuntimeError("simulated out of memory")
-        return real_forward(input_ids, cache, positions, attention_mask)
+        return real_forward(input_ids, *args, **kwargs)
 
     model.forward = forward
     engine = Engine(model, tokenizer, max_batch=3, stop_token_ids=[])

@@ -122,6 +122,19 @@ def test_kv_cache_decode_equals_full_forward(family):
     assert cache.length == 14
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_at_one_position_per_row_equal_the_full_forward(family):
+    config = FAMILIES[family]()
+    model = build(config)
+    ids = random_ids(config, seq=14)
+    at = torch.tensor([13, 6])
+    with torch.no_grad():
+        full = model(ids)
+        picked = model(ids, logits_at=at)
+    assert picked.shape == (2, 1, config.vocab_size)
+    torch.testing.assert_close(picked[:, 0], full[torch.arange(2), at], rtol=1e-5, atol=1e-5)
+
+
 def test_kv_cache_reset_starts_over_and_overflow_is_a_config_error():
     config = llama_config()
     model = build(config)

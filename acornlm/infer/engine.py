@@ -475,10 +475,9 @@ class Engine:
         for row, seq in enumerate(group):
             ids[row, :lengths[row]] = torch.tensor(seq.prompt_ids, dtype=torch.long)
         ids = ids.to(self.device)
-        logits = self.model(ids, self.cache.prefill_view(first_slot, len(group)))
-        rows = torch.arange(len(group), device=self.device)
         last = torch.tensor(lengths, device=self.device) - 1
-        return logits[rows, last, :self.vocab_size]
+        logits = self.model(ids, self.cache.prefill_view(first_slot, len(group)), logits_at=last)
+        return logits[:, 0, :self.vocab_size]
 
     def _prefill_one_by_one(self, group: list[_Sequence]) -> list[tuple[_Sequence, torch.Tensor]]:
         """After a failed batch prefill: each prompt alone, so only a prompt that fails by itself

@@ -69,7 +69,9 @@ def generate_batch(model: Transformer, prompt_ids: Sequence[int], params: Sampli
     finished = [False] * batch_size
 
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device).expand(batch_size, -1)
-    logits = model(prompt, cache)[:, -1, :vocab_size]  # prefill: every prompt token in one pass
+    # prefill: every prompt token in one pass, logits of the last position only
+    last = torch.full((batch_size,), len(prompt_ids) - 1, device=device)
+    logits = model(prompt, cache, logits_at=last)[:, 0, :vocab_size]
     for step in range(budget):
         next_tokens = sampler(logits)  # [batch], still on the device
         step_tokens: list[int | None] = next_tokens.tolist()  # the one sync per step

@@ -246,13 +246,26 @@ class Transformer(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for every position; with a cache, the new tokens continue the cached ones.
+                positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for every position [B, T, vocab]; with a cache, the new tokens continue the cached ones.
 
         For a batch of sequences of different lengths (continuous batching, see acornlm.infer.engine),
         the caller passes each row's `positions` [B, T] and a boolean `attention_mask` [B, 1, T, S]
         (True = may attend), and a cache that stores each row at its own position.
+        `logits_at` [B] picks one position per row and returns its logits only, [B, 1, vocab]:
+        prefilling a prompt needs the next-token logits of its last token, and skipping the
+        others skips most of a [T, hidden] x [hidden, vocab] product.
         """
+        hidden = self.hidden_states(input_ids, cache, positions, attention_mask)
+        if logits_at is not None:
+            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_at][:, None]
+        return self.lm_head(hidden)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                      positions: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final (normed) hidden states [B, T, hidden]: `forward` without the output head."""
         _, seq = input_ids.shape
         x = self.model.embed_tokens(input_ids)
         rope = None
@@ -276,7 +289,7 @@ class Transformer(nn.Module):
             x = layer(x, rope, cache, attention_mask)
         if cache is not None:
             cache.advance(seq)
-        return self.lm_head(self.model.norm(x))
+        return self.model.norm(x)
 
     def num_params(self, trainable_only: bool = False) -> int:
         """Distinct parameters (a tied embedding/head matrix counts once; int8-quantized weights count too)."""
