@@ -78,3 +78,21 @@ def test_demo_rejects_bad_finetune_options(tmp_path, capsys, option, value, mess
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()  # rejected before any work
+
+
+def test_demo_threads_follow_the_load(monkeypatch):
+    import os
+
+    import torch
+
+    from acornlm.cli.demo import choose_threads
+    from acornlm.errors import ConfigError
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.2, 3.0, 2.0))  # other work keeps both cores busy
+    assert choose_threads(0) == 1
+    assert choose_threads(2) == 2  # an explicit choice wins
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.5, 0.4))
+    assert choose_threads(0) == torch.get_num_threads()
+    with pytest.raises(ConfigError, match="--threads"):
+        choose_threads(-1)

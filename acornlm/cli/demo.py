@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -43,7 +44,7 @@ def estimate_steps(model_config: ModelConfig, train_config: TrainConfig, minutes
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, model_config.vocab_size, (train_config.batch_size, train_config.seq_len), device=dev)
     timings = []
-    for _ in range(4):
+    for _ in range(6):  # the first step warms up; the median of the others resists a passing spike of load
         start = time.perf_counter()
         for _ in range(train_config.grad_accum_steps):
             logits = model(x)
@@ -56,6 +57,19 @@ def estimate_steps(model_config: ModelConfig, train_config: TrainConfig, minutes
     step_seconds = sorted(timings[1:])[len(timings[1:]) // 2]
     # evaluation and checkpoints take a share of the budget too
     return max(10, int(minutes * 60 / step_seconds * 0.85))
+
+
+def choose_threads(requested: int) -> int:
+    """Torch threads for the demo: `requested`, or for 0 one per core, unless other work already
+    keeps the cores busy. Then 1: on busy cores, threads that wait for each other at every
+    operation run up to 10x slower than a single thread."""
+    if requested < 0:
+        raise ConfigError(f"--threads must be >= 0 (0 = automatic), got {requested}")
+    if requested:
+        return requested
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return 1 if cores > 1 and load >= cores - 0.5 else torch.get_num_threads()
 
 
 def sample_all(lm, prompts: tuple[str, ...], max_new_tokens: int, seed: int) -> dict[str, str]:
@@ -112,7 +126,7 @@ def export_for_transformers(run_dir: Path, hf_dir: Path) -> str:
 def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo", vocab_size: int = 4096,
          corpus: str | None = None, device: str = "auto", max_new_tokens: int = 160, seed: int = 1337,
          finetune: str = "full", finetune_minutes: float = 10.0, lora_rank: int = 16,
-         eval_examples: int = 200) -> dict:
+         eval_examples: int = 200, threads: int = 0) -> dict:
     """Run the whole pipeline on the embedded Shakespeare corpus (what `make demo` does).
 
     Fetches the corpus, trains a byte-level BPE tokenizer, prepares the data, prints samples from
@@ -138,6 +152,7 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
         finetune_minutes: Wall-clock budget of the fine-tuning stages and their evaluations, in minutes.
         lora_rank: Rank of the LoRA adapters with --finetune lora (alpha = 2 x rank, every linear layer of the blocks).
         eval_examples: Held-out questions per task behind the SFT accuracies (GRPO's arithmetic figure uses 2.5 x as many, DPO's half as many pairs per task).
+        threads: CPU threads for torch; 0 = one per core, or 1 when other work already keeps the cores busy (load average).
     """
     from acornlm.cli.demo_finetune import check_finetune_options, figure_lines, run_finetune, summary_section
     from acornlm.data.corpus import iter_documents
@@ -150,6 +165,11 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
     if minutes <= 0:
         raise ConfigError(f"--minutes must be > 0, got {minutes}")
     check_finetune_options(finetune, finetune_minutes, eval_examples, lora_rank)
+    num_threads = choose_threads(threads)
+    if num_threads != torch.get_num_threads():
+        torch.set_num_threads(num_threads)
+        say(f"using {num_threads} torch thread(s)" + ("" if threads else
+            f" (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other work is running)"))
     stages = 7 if finetune == "none" else 8
     started = time.time()
     out_dir = Path(out)
