@@ -63,7 +63,16 @@ FAMILIES = {
     "qwen3": dict(TINY, qk_norm=True, rope_theta=1e6, norm_eps=1e-6),
     "gpt2": dict(TINY, intermediate_size=256, num_key_value_heads=4, norm="layernorm", mlp="gelu",
                  position="learned", attention_bias=True, mlp_bias=True),
+    # mixture of experts: llama.cpp's qwen3moe renormalises the top-k weights, qwen2moe does not
+    "qwen3moe": dict(TINY, qk_norm=True, rope_theta=1e6, norm_eps=1e-6, num_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=96),
+    "qwen2moe": dict(TINY, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, num_shared_experts=1,
+                     norm_topk_prob=False),
+    # YaRN: trained at 128 positions but configured as extended x4 from 16, so the prompt and the
+    # greedy continuation run on scaled frequencies past the original length
+    "llama-yarn": dict(TINY, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
 }
+DEFAULT_FAMILIES = ["llama", "qwen3", "gpt2"]
 
 
 def import_llama_cpp(site: str | None):
@@ -187,7 +196,8 @@ def compare(llama_cpp, ckpt: Path, gguf_type: str, workdir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", nargs="*", default=None, help="checkpoints to test (default: tiny trained models)")
-    parser.add_argument("--families", nargs="*", default=list(FAMILIES), help="tiny models to build")
+    parser.add_argument("--families", nargs="*", default=DEFAULT_FAMILIES, choices=list(FAMILIES),
+                        help="tiny models to build (also: qwen3moe, qwen2moe, llama-yarn)")
     parser.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0"])
     parser.add_argument("--steps", type=int, default=300, help="training steps of each tiny model")
     parser.add_argument("--llama-site", default=None,

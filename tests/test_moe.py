@@ -309,6 +309,10 @@ def test_gguf_export_writes_expert_metadata_and_every_tensor(tmp_path, bpe_token
         else:
             assert dst + "ffn_gate_shexp.weight" not in tensors and dst + "attn_q_norm.weight" in tensors
         assert dst + "ffn_gate.weight" not in tensors  # no dense feed-forward
+    # llama.cpp's qwen2moe loader requires `output` even for tied embeddings (verified with llama.cpp)
+    assert ("output.weight" in tensors) == (arch == "qwen2moe" or not c.tie_word_embeddings)
+    if "output.weight" in tensors:
+        np.testing.assert_array_equal(tensors["output.weight"], state["lm_head.weight"])
     expected = (3 + 4 * bool(arch == "qwen2moe") + 3 * bool(arch == "qwen2moe") + 1) * c.num_hidden_layers
     assert sum(".ffn_" in n and "norm" not in n or ".attn_q.bias" in n or ".attn_k.bias" in n
                or ".attn_v.bias" in n for n in tensors) == expected

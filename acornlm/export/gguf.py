@@ -46,6 +46,8 @@ Q8_0_BLOCK = 32  # q8_0 stores each row in blocks of 32 values sharing one scale
 
 # acornlm family -> llama.cpp architecture; MoE models map to qwen2moe / qwen3moe (acornlm.export.gguf_moe).
 ARCHITECTURES = {"llama": "llama", "qwen3": "qwen3", "gpt2": "gpt2"}
+# llama.cpp architectures that load `output.weight` without falling back to token_embd for tied models
+OUTPUT_REQUIRED = ("qwen2moe",)
 # Config fields of features this exporter does not write yet (MoE).
 NOT_YET_EXPORTED = ("num_local_experts", "n_routed_experts", "n_shared_experts")
 
@@ -341,11 +343,13 @@ def model_tensors(arch: str, model: Transformer) -> Iterator[GGUFTensor]:
     if arch == "gpt2":
         yield from gpt2_tensors(model.config, state)
     else:
-        yield from llama_tensors(model.config, state, interleave_rope=arch == "llama")
+        yield from llama_tensors(model.config, state, arch)
 
 
-def llama_tensors(config: ModelConfig, state: dict[str, np.ndarray], interleave_rope: bool) -> Iterator[GGUFTensor]:
-    """Tensors of llama.cpp's `llama` and `qwen3` architectures (same names; qwen3 adds the QK-norms)."""
+def llama_tensors(config: ModelConfig, state: dict[str, np.ndarray], arch: str) -> Iterator[GGUFTensor]:
+    """Tensors of llama.cpp's `llama`, `qwen3` and MoE architectures (same names; qwen3 adds the
+    QK-norms, the MoE ones the expert tensors). Only `llama` rotates interleaved pairs."""
+    interleave_rope = arch == "llama"
     yield GGUFTensor("token_embd.weight", state["model.embed_tokens.weight"], True)
     for i in range(config.num_hidden_layers):
         src, dst = f"model.layers.{i}.", f"blk.{i}."
@@ -373,7 +377,8 @@ def llama_tensors(config: ModelConfig, state: dict[str, np.ndarray], interleave_
             for name, data, follows_type in moe_layer_tensors(config, state, i):
                 yield GGUFTensor(name, data, follows_type)
     yield GGUFTensor("output_norm.weight", state["model.norm.weight"], False)
-    if not config.tie_word_embeddings:  # tied: llama.cpp reuses token_embd when `output` is absent
+    # tied: llama.cpp reuses token_embd when `output` is absent, except where the architecture requires it
+    if not config.tie_word_embeddings or arch in OUTPUT_REQUIRED:
         yield GGUFTensor("output.weight", state["lm_head.weight"], True)
 
 
