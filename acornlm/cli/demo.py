@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,8 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def estimate_steps(model_config: ModelConfig, train_config: TrainConfig, minutes: float, device: str) -> int:
-    """How many optimizer steps fit in `minutes`, from timing a few real training steps.
-
-    The cosine schedule decays over max_steps, so a wall-clock-limited run should end its
-    schedule when its time ends instead of being cut off at a high learning rate.
-    """
+def step_seconds(model_config: ModelConfig, train_config: TrainConfig, device: str) -> float:
+    """Wall-clock seconds of one optimizer step of this model and batch, timed on real steps."""
     from acornlm.train.precision import select_device
 
     dev = select_device(device)
@@ -54,22 +50,36 @@ def estimate_steps(model_config: ModelConfig, train_config: TrainConfig, minutes
         if dev.type == "cuda":
             torch.cuda.synchronize()
         timings.append(time.perf_counter() - start)
-    step_seconds = sorted(timings[1:])[len(timings[1:]) // 2]
+    return sorted(timings[1:])[len(timings[1:]) // 2]
+
+
+def estimate_steps(model_config: ModelConfig, train_config: TrainConfig, minutes: float, device: str) -> int:
+    """How many optimizer steps fit in `minutes`, from timing a few real training steps.
+
+    The cosine schedule decays over max_steps, so a wall-clock-limited run should end its
+    schedule when its time ends instead of being cut off at a high learning rate.
+    """
     # evaluation and checkpoints take a share of the budget too
-    return max(10, int(minutes * 60 / step_seconds * 0.85))
+    return max(10, int(minutes * 60 / step_seconds(model_config, train_config, device) * 0.85))
 
 
-def choose_threads(requested: int) -> int:
-    """Torch threads for the demo: `requested`, or for 0 one per core, unless other work already
-    keeps the cores busy. Then 1: on busy cores, threads that wait for each other at every
-    operation run up to 10x slower than a single thread."""
+def choose_threads(requested: int, time_step: Callable[[], float]) -> int:
+    """Torch threads for the demo: `requested`, or for 0 whichever of PyTorch's default (one per
+    core) and a single thread makes `time_step()` faster. A single thread wins when other work keeps
+    the cores busy: threads that wait for each other at every operation can run 10x slower."""
     if requested < 0:
         raise ConfigError(f"--threads must be >= 0 (0 = automatic), got {requested}")
     if requested:
         return requested
-    cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return 1 if cores > 1 and load >= cores - 0.5 else torch.get_num_threads()
+    default = torch.get_num_threads()
+    if default == 1:
+        return 1
+    timings = {}
+    for threads in (default, 1):
+        torch.set_num_threads(threads)
+        timings[threads] = time_step()
+    torch.set_num_threads(default)
+    return min(timings, key=timings.get)
 
 
 def sample_all(lm, prompts: tuple[str, ...], max_new_tokens: int, seed: int) -> dict[str, str]:
@@ -152,7 +162,7 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
         finetune_minutes: Wall-clock budget of the fine-tuning stages and their evaluations, in minutes.
         lora_rank: Rank of the LoRA adapters with --finetune lora (alpha = 2 x rank, every linear layer of the blocks).
         eval_examples: Held-out questions per task behind the SFT accuracies (GRPO's arithmetic figure uses 2.5 x as many, DPO's half as many pairs per task).
-        threads: CPU threads for torch; 0 = one per core, or 1 when other work already keeps the cores busy (load average).
+        threads: CPU threads for torch; 0 = whichever of one per core and a single thread trains faster right now (a single thread wins when other work keeps the cores busy).
     """
     from acornlm.cli.demo_finetune import check_finetune_options, figure_lines, run_finetune, summary_section
     from acornlm.data.corpus import iter_documents
@@ -165,11 +175,8 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
     if minutes <= 0:
         raise ConfigError(f"--minutes must be > 0, got {minutes}")
     check_finetune_options(finetune, finetune_minutes, eval_examples, lora_rank)
-    num_threads = choose_threads(threads)
-    if num_threads != torch.get_num_threads():
-        torch.set_num_threads(num_threads)
-        say(f"using {num_threads} torch thread(s)" + ("" if threads else
-            f" (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other work is running)"))
+    if threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0 = automatic), got {threads}")
     stages = 7 if finetune == "none" else 8
     started = time.time()
     out_dir = Path(out)
@@ -203,6 +210,11 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
     model_config = ModelConfig(**{**preset_data.get("model", {}), "vocab_size": tokenizer.vocab_size})
     train_fields = {**preset_data.get("train", {}), "max_minutes": minutes, "seed": seed, "device": device}
     train_config = TrainConfig(**train_fields)
+    num_threads = choose_threads(threads, lambda: step_seconds(model_config, train_config, device))
+    if num_threads != torch.get_num_threads():
+        torch.set_num_threads(num_threads)
+        say(f"      using {num_threads} torch thread(s)" + ("" if threads else
+            ": faster than one per core right now (other work keeps the cores busy)"))
     steps = estimate_steps(model_config, train_config, minutes, device)
     train_config = dataclasses.replace(train_config, max_steps=steps,
                                        warmup_steps=min(train_config.warmup_steps, max(1, steps // 10)))
