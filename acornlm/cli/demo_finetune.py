@@ -17,6 +17,8 @@ trained on Shakespeare: digits are single tokens) on 2 CPU cores shared with oth
   SFT model (0.118 on 1,000 questions) 60 steps gave 0.100, lr 1e-4 with KL 0.04 0.106, temperature
   0.7 0.112, 120 steps 0.109, and the training reward did not rise. The signal (about 25 right answers
   among 256 samples per step) is too weak for this model; the GRPO figure is within noise of zero.
+  The mechanics work: a dense reward (the answer's last digit is even) rose from 0.50 to 0.73 in
+  40 steps at lr 1e-4 from the same model.
 - DPO (lr 3e-4, beta 0.1): 0.15 s a step quiet, 1 s at load 4. From the 600-step SFT base, 100 steps
   reach 0.88 held-out preference accuracy (reverse 0.95, sort 0.93, arithmetic 0.75; 200 steps at
   lr 6e-4: 0.89); from the 1467-step base, 80 steps reach 0.92.
