@@ -81,7 +81,9 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
         return model
     if not hasattr(torch, "_weight_int8pack_mm"):
         raise ConfigError("int8 quantization needs torch >= 2.4 (torch._weight_int8pack_mm)")
-    if any(type(m).__name__ == "LoraLinear" for m in model.modules()):
+    from acornlm.train.lora import LoraLinear
+
+    if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise ConfigError("int8 quantization of a model with an unmerged LoRA adapter: merge it first "
                           "(`acornlm lora merge`), then quantize the merged checkpoint")
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -129,10 +129,13 @@ class ChoiceRun:
         """
         collecting = asyncio.ensure_future(self.collect())
         hang_up = asyncio.ensure_future(wait_for_disconnect(request))
-        done, pending = await asyncio.wait({collecting, hang_up}, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        return collecting.result() if collecting in done else None
+        try:
+            done, pending = await asyncio.wait({collecting, hang_up}, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            return collecting.result() if collecting in done else None
+        finally:
+            self.cancel()  # frees the slots of a client that left (finished sequences ignore it)
 
     async def collect(self) -> list[ChoiceResult]:
         results = [ChoiceResult() for _ in self.handles]
@@ -328,10 +331,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
         if body.stream:
             return StreamingResponse(chat_stream(run, meta, body.n, body.include_usage, top_logprobs is not None),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        try:
-            results = await run.collect_while_connected(request)
-        finally:
-            run.cancel()
+        results = await run.collect_while_connected(request)
         if results is None:  # nobody is left to read the response
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
@@ -399,10 +399,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
         if body.stream:
             return StreamingResponse(completion_stream(run, meta, body.include_usage, top_logprobs is not None),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        try:
-            results = await run.collect_while_connected(request)
-        finally:
-            run.cancel()
+        results = await run.collect_while_connected(request)
         if results is None:  # nobody is left to read the response
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
