@@ -15,8 +15,10 @@ Candidates (same weights, a random prompt, greedy, exactly --new-tokens tokens e
                   (each variant's bandwidth bound counts its own weight bytes)
   hf_llama        transformers LlamaForCausalLM.generate, greedy, use_cache=True
   hf_qwen3        transformers Qwen3ForCausalLM.generate (QK-norm: a little more work)
+  loop_compiled   with --compile: the loop over torch.compile(model, dynamic=True) (compiled once
+                  before timing; the KV cache length changes every step, hence dynamic shapes)
 
-Prints one JSON object. Usage: python benchmarks/decode_throughput.py [--quick]
+Prints one JSON object. Usage: python benchmarks/decode_throughput.py [--quick] [--compile]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import copy
 import json
 import statistics
+from collections.abc import Callable
 
 import common
 import torch
@@ -33,18 +36,22 @@ from acornlm.infer.quantize import quantize_model
 from acornlm.model import Transformer, ops
 
 
-def greedy_loop(model: Transformer, prompt: torch.Tensor, new_tokens: int, use_onednn: bool = True):
-    """The least a decoder must do: prefill, then one forward of one token per new token."""
+def greedy_loop(model: Transformer, prompt: torch.Tensor, new_tokens: int, use_onednn: bool = True,
+                forward: Callable[..., torch.Tensor] | None = None):
+    """The least a decoder must do: prefill, then one forward of one token per new token
+    (through `forward`, e.g. a compiled model, when given)."""
+    forward = forward if forward is not None else model
+
     @torch.inference_mode()
     def run() -> list[int]:
         ops.USE_ONEDNN = use_onednn
         cache = model.new_cache(1, prompt.shape[1] + new_tokens)
-        logits = model(prompt, cache)[:, -1]
+        logits = forward(prompt, cache)[:, -1]
         tokens = []
         for _ in range(new_tokens):
             token = logits.argmax(dim=-1, keepdim=True)
             tokens.append(token)
-            logits = model(token, cache)[:, -1]
+            logits = forward(token, cache)[:, -1]
         ops.USE_ONEDNN = True
         return torch.cat(tokens, dim=1)[0].tolist()
     return run
@@ -103,6 +110,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (each runs every candidate once)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = PyTorch's default")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers models")
+    parser.add_argument("--compile", action="store_true", help="also time the loop over torch.compile(model)")
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny model, few tokens, 2 rounds")
     args = parser.parse_args()
     if args.quick:
@@ -128,6 +136,8 @@ def main() -> None:
                 "generate_int8": quantize_model(copy.deepcopy(model), "int8")}
     for name, variant in variants.items():
         candidates[name] = acornlm_generate(variant, prompt, n, temperature=0.0)
+    if args.compile:
+        candidates["loop_compiled"] = greedy_loop(model, prompt, n, forward=torch.compile(model, dynamic=True))
     hf_models = {}
     if not args.no_hf and config.family != "gpt2":
         for family in ("llama", "qwen3"):
@@ -155,7 +165,9 @@ def main() -> None:
             "ms_per_token": round(1000 * min(seconds) / n, 3),
             "fraction_of_bandwidth_bound": round(tokens_per_s / own_bound, 3),
         }
-    for ours in ("loop", "generate", *variants):
+    for ours in ("loop", "generate", *variants, "loop_compiled"):
+        if ours not in results:
+            continue
         for theirs in ("hf_llama", "hf_qwen3", "loop_mkl"):
             if theirs in results:
                 results[ours][f"speedup_vs_{theirs}"] = round(
