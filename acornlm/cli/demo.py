@@ -135,7 +135,7 @@ def export_for_transformers(run_dir: Path, hf_dir: Path) -> str:
 
 def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo", vocab_size: int = 4096,
          corpus: str | None = None, device: str = "auto", max_new_tokens: int = 160, seed: int = 1337,
-         finetune: str = "full", finetune_minutes: float = 10.0, lora_rank: int = 16,
+         finetune: str = "full", finetune_minutes: float = 12.0, lora_rank: int = 16,
          eval_examples: int = 200, threads: int = 0) -> dict:
     """Run the whole pipeline on the embedded Shakespeare corpus (what `make demo` does).
 
@@ -146,7 +146,7 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
     identity) for FINETUNE_MINUTES: SFT -> GRPO on arithmetic -> DPO on pairs where the right answer
     beats a wrong one, printing held-out accuracy before and after each stage (runs in OUT/sft,
     OUT/grpo, OUT/dpo; `acornlm chat --ckpt OUT/dpo` talks to the result). It writes OUT/summary.md
-    and OUT/run/loss_curve.png. About 18 minutes on 2 quiet CPU cores with the defaults (more when they are busy). The corpus,
+    and OUT/run/loss_curve.png. About 18-20 minutes on 2 quiet CPU cores with the defaults (more when they are busy). The corpus,
     tokenizer and prepared data in OUT are reused when present; the runs are replaced.
 
     Args:
