@@ -64,6 +64,10 @@ def test_demo_finetune_lora_settings():
     assert not full.sft_lora.enabled and lora.sft_lora.rank == 16
     assert lora.sft_train.learning_rate > full.sft_train.learning_rate  # adapters learn from small updates
     assert full.grpo_eval_examples == 500 and full.dpo_eval_pairs == 100
+    # a fast machine (this tiny model) would fit far more SFT steps: the cap keeps arithmetic's jump
+    # from finishing before GRPO, which would leave GRPO nothing to raise
+    from acornlm.cli.demo_finetune import SFT_MAX_STEPS
+    assert full.sft_train.max_steps == SFT_MAX_STEPS
 
 
 @pytest.mark.parametrize("option,value,message", [

@@ -20,8 +20,8 @@ trained on Shakespeare: digits are single tokens) on 2 CPU cores shared with oth
 - GRPO (32 prompts x 8 samples, 4 new tokens, lr 3e-5): 1.2 s a step on quiet cores, 6 s at load 4.
   It sharpens what SFT taught, so it helps once the units digit is being learned. 60 steps, held-out
   arithmetic: 0.764 -> 0.902 and 0.856 -> 0.924 (the 12,500 runs above, 500 questions), 0.885 -> 0.929
-  and 0.48 -> 0.545 (1,000 questions; lr 1e-4: 0.925, 0.523), 0.174 -> 0.236 (the 1406-step run), 0.144 -> 0.196
-  (a fresh-clone `make demo` whose SFT stopped at 1342 steps, at the start of the jump). From SFT models
+  and 0.48 -> 0.545 (1,000 questions; lr 1e-4: 0.925, 0.523), 0.174 -> 0.236 (the 1406-step run),
+  0.144 -> 0.196 (a fresh-clone `make demo` whose SFT stopped at 1342 steps, at the start of the jump). From SFT models
   still before the jump (0.10-0.16), seven runs ended between -0.03 and +0.03 and the training
   reward stayed flat: on a busy machine SFT gets fewer steps and may stop before it.
 - DPO (lr 3e-4, beta 0.1): 0.15 s a step quiet, 1 s at load 4. From the 600-step SFT base, 100 steps
@@ -93,7 +93,8 @@ def finetune_settings(model_config: ModelConfig, finetune: str, minutes: float, 
     smoke = minutes < 1  # too short for the tuned batches and data: a smoke test of every stage instead
     common = {"seed": seed, "device": device}
     sft = dataclasses.replace(SFT_TRAIN, **common, max_minutes=minutes * SFT_SHARE * 1.2)
-    sft = dataclasses.replace(sft, max_steps=min(SFT_MAX_STEPS, estimate_steps(model_config, sft, minutes * SFT_SHARE, device)))
+    steps = estimate_steps(model_config, sft, minutes * SFT_SHARE, device)
+    sft = dataclasses.replace(sft, max_steps=min(SFT_MAX_STEPS, steps))
     lora = LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank) if finetune == "lora" else LoraConfig()
     if lora.enabled:
         sft = dataclasses.replace(sft, learning_rate=LORA_LEARNING_RATE, min_lr=LORA_LEARNING_RATE / 10)
