@@ -7,10 +7,12 @@ The bandwidth is measured here (summing a 512 MiB tensor, timed in the same roun
 
 Candidates (same weights, a random prompt, greedy, exactly --new-tokens tokens each):
   loop            a minimal greedy loop over model.forward with the KV cache (the model's own cost)
-  loop_mkl        the same loop with acornlm.model.ops.USE_ONEDNN = False (PyTorch's MKL matmuls)
-  generate        acornlm.infer.generate.generate_tokens, greedy (the real path)
+  loop_packed     the same loop with the weights packed for oneDNN once
+                  (acornlm.model.ops.pack_for_inference, which LanguageModel and Engine apply)
+  loop_mkl        the loop with acornlm.model.ops.USE_ONEDNN = False (PyTorch's MKL matmuls)
+  generate        acornlm.infer.generate.generate_tokens, greedy, packed weights (the real path)
   generate_sampled  the same with temperature 0.8, top-k 50, top-p 0.9 (the sampler's cost)
-  generate_bf16   generate_tokens on a bf16 copy (`--dtype bfloat16`)
+  generate_bf16   generate_tokens on a packed bf16 copy (`--dtype bfloat16`)
   generate_int8   generate_tokens on a copy with int8 weights (acornlm.infer.quantize, `--quantize int8`)
                   (each variant's bandwidth bound counts its own weight bytes)
   hf_llama        transformers LlamaForCausalLM.generate, greedy, use_cache=True
@@ -34,6 +36,7 @@ import torch
 
 from acornlm.infer.quantize import quantize_model
 from acornlm.model import Transformer, ops
+from acornlm.model.ops import pack_for_inference
 
 
 def greedy_loop(model: Transformer, prompt: torch.Tensor, new_tokens: int, use_onednn: bool = True,
@@ -126,13 +129,15 @@ def main() -> None:
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens))
     n = args.new_tokens
 
+    packed = pack_for_inference(copy.deepcopy(model))
     candidates = {
         "loop": greedy_loop(model, prompt, n),
+        "loop_packed": greedy_loop(packed, prompt, n),
         "loop_mkl": greedy_loop(model, prompt, n, use_onednn=False),
-        "generate": acornlm_generate(model, prompt, n, temperature=0.0),
-        "generate_sampled": acornlm_generate(model, prompt, n, temperature=0.8, top_k=50, top_p=0.9),
+        "generate": acornlm_generate(packed, prompt, n, temperature=0.0),
+        "generate_sampled": acornlm_generate(packed, prompt, n, temperature=0.8, top_k=50, top_p=0.9),
     }
-    variants = {"generate_bf16": copy.deepcopy(model).to(torch.bfloat16),
+    variants = {"generate_bf16": pack_for_inference(copy.deepcopy(model).to(torch.bfloat16)),
                 "generate_int8": quantize_model(copy.deepcopy(model), "int8")}
     for name, variant in variants.items():
         candidates[name] = acornlm_generate(variant, prompt, n, temperature=0.0)
@@ -165,11 +170,11 @@ def main() -> None:
             "ms_per_token": round(1000 * min(seconds) / n, 3),
             "fraction_of_bandwidth_bound": round(tokens_per_s / own_bound, 3),
         }
-    for ours in ("loop", "generate", *variants, "loop_compiled"):
+    for ours in ("loop", "loop_packed", "generate", *variants, "loop_compiled"):
         if ours not in results:
             continue
-        for theirs in ("hf_llama", "hf_qwen3", "loop_mkl"):
-            if theirs in results:
+        for theirs in ("hf_llama", "hf_qwen3", "loop_mkl", "loop"):
+            if theirs in results and theirs != ours:
                 results[ours][f"speedup_vs_{theirs}"] = round(
                     results[ours]["tokens_per_s"] / results[theirs]["tokens_per_s"], 3)
 

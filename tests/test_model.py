@@ -3,7 +3,9 @@ numerics compatibility, parameter/FLOP formulas, initialisation and config error
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -328,3 +330,85 @@ def test_training_gradients_do_not_depend_on_the_matmul_backend(monkeypatch):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --- packed weights for inference -------------------------------------------------------------------
+
+@pytest.mark.skipif(not ops.ONEDNN_AVAILABLE, reason="this PyTorch build has no oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_matches_f_linear_and_follows_weight_changes(dtype, bias):
+    layer = ops.pack_for_inference(ops.Linear(24, 40, bias=bias).to(dtype))
+    x = torch.randn(3, 5, 24, dtype=dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), **tol)
+        first = layer.packed_weight.weight
+        assert first is not None, "the packed path was not taken"
+        layer(x[0])
+        assert layer.packed_weight.weight is first, "an unchanged weight is packed only once"
+        layer.weight.mul_(-2)  # in place, as an optimizer step
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), **tol)
+        layer.load_state_dict({name: torch.randn_like(t) for name, t in layer.state_dict().items()})
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), **tol)
+    layer.weight.data = torch.randn_like(layer.weight)  # replaced, not changed in place
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), **tol)
+
+
+@pytest.mark.skipif(not ops.ONEDNN_AVAILABLE, reason="this PyTorch build has no oneDNN")
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_packed_and_fused_projections_give_the_same_logits(family):
+    config = FAMILIES[family](attention_bias=True)
+    model = build(config).eval()
+    ids = random_ids(config, seq=9)
+    with torch.no_grad():
+        plain = model(ids)
+    ops.pack_for_inference(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), plain, rtol=1e-5, atol=1e-5)
+    fused = {type(m).__name__ for m in model.modules()
+             if isinstance(m, ops.FusableLinears) and m.fused_linears is not None and m.fused_linears.weight is not None}
+    assert fused == ({"CausalSelfAttention"} if config.mlp == "gelu" else {"CausalSelfAttention", "FeedForward"})
+
+
+@pytest.mark.skipif(not ops.ONEDNN_AVAILABLE, reason="this PyTorch build has no oneDNN")
+def test_lora_added_after_packing_is_not_bypassed():
+    from acornlm.train.lora import LoraConfig, apply_lora
+
+    config = FAMILIES["llama"]()
+    model = ops.pack_for_inference(build(config).eval())
+    ids = random_ids(config, seq=9)
+    apply_lora(model, LoraConfig(rank=2, targets="q_proj,up_proj"))
+    for m in model.modules():
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B.weight)
+    with torch.no_grad():
+        packed = model(ids)
+        ops.pack_for_inference(model, enable=False)
+        torch.testing.assert_close(packed, model(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not ops.ONEDNN_AVAILABLE, reason="this PyTorch build has no oneDNN")
+def test_packed_model_trains_saves_and_copies_like_a_plain_one():
+    config = FAMILIES["llama"]()
+    model = build(config).eval()
+    ids = random_ids(config, seq=9)
+    with torch.no_grad():
+        plain = model(ids)
+    ops.pack_for_inference(model)
+    assert model.state_dict().keys() == build(config).state_dict().keys()
+    twin = copy.deepcopy(model)  # the opaque packed tensors are not copied, only repacked on use
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids), plain, rtol=1e-5, atol=1e-5)
+    pickle.loads(pickle.dumps(model))
+    # gradients take the plain oneDNN path and match an unpacked model's
+    model.train()
+    model(ids).logsumexp(-1).mean().backward()
+    reference = build(config).train()
+    reference.load_state_dict(model.state_dict())
+    reference(ids).logsumexp(-1).mean().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    ops.pack_for_inference(model, enable=False)
+    assert all(m.packed_weight is None for m in model.modules() if isinstance(m, ops.Linear))

@@ -24,6 +24,7 @@ from acornlm.infer.generate import generate_batch
 from acornlm.infer.sampling import SamplingParams
 from acornlm.infer.streaming import StreamingDetokenizer
 from acornlm.model import Transformer
+from acornlm.model.ops import pack_for_inference
 from acornlm.model.rope import extend_context
 from acornlm.tokenizer import Tokenizer, load_tokenizer
 
@@ -55,7 +56,8 @@ class LanguageModel:
     """A model and its tokenizer, ready to generate text.
 
     Attributes:
-        model: The `Transformer`, in eval mode.
+        model: The `Transformer`, in eval mode, its linear weights packed for oneDNN on a CPU
+            (`acornlm.model.ops.pack_for_inference`: faster decoding, a second copy of those weights).
         tokenizer: The `Tokenizer` it was trained with.
         config: The model's `ModelConfig`.
         info: The checkpoint's whole config.json (run info included); empty when built directly.
@@ -67,7 +69,7 @@ class LanguageModel:
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}: "
                 "they do not belong together; use the tokenizer files saved with the checkpoint"
             )
-        self.model = model.eval()
+        self.model = pack_for_inference(model.eval())
         self.tokenizer = tokenizer
         self.config = model.config
         self.info = info or {}

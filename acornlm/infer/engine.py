@@ -39,6 +39,7 @@ from acornlm.infer.generate import new_token_budget
 from acornlm.infer.sampling import SamplingParams, TokenSampler
 from acornlm.infer.streaming import StreamingDetokenizer
 from acornlm.model import Transformer
+from acornlm.model.ops import pack_for_inference
 from acornlm.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
@@ -243,7 +244,7 @@ class Engine:
             raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}")
         if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 0):
             raise ConfigError(f"max_queue must be an integer >= 0, got {max_queue!r}")
-        self.model = model.eval()
+        self.model = pack_for_inference(model.eval())
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = 4 * max_batch if max_queue is None else max_queue

@@ -18,7 +18,7 @@ from acornlm.errors import ConfigError
 from acornlm.model.config import ModelConfig
 from acornlm.model.kv_cache import KVCache
 from acornlm.model.moe import MoEFeedForward
-from acornlm.model.ops import Linear
+from acornlm.model.ops import FusableLinears, Linear, linears
 from acornlm.model.rope import dynamic_cos_sin, is_dynamic_beyond, rope_tables
 
 
@@ -61,9 +61,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
-class CausalSelfAttention(nn.Module):
+class CausalSelfAttention(nn.Module, FusableLinears):
     """Multi-head attention softmax(Q K^T / sqrt(d)) V with a causal mask, grouped-query KV heads,
     optional QK-norm and RoPE, and an optional KV cache for generation."""
+
+    fusable_linears = ("q_proj", "k_proj", "v_proj")
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -91,9 +93,10 @@ class CausalSelfAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        q, k, v = linears(x, (self.q_proj, self.k_proj, self.v_proj), self.fused_linears)
+        q = q.view(batch, seq, self.num_heads, self.head_dim)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
@@ -124,8 +127,10 @@ class CausalSelfAttention(nn.Module):
         return self.o_proj(out)
 
 
-class FeedForward(nn.Module):
+class FeedForward(nn.Module, FusableLinears):
     """SwiGLU: down(silu(gate(x)) * up(x)) (Shazeer 2020), or GELU MLP: down(gelu(up(x))) (GPT-2)."""
+
+    fusable_linears = ("gate_proj", "up_proj")
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -138,7 +143,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = linears(x, (self.gate_proj, self.up_proj), self.fused_linears)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 
