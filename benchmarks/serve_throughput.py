@@ -7,9 +7,12 @@ process is the client: N streams at once, each a streaming /v1/chat/completions 
 number of tokens (`ignore_eos`, so every stream generates the same amount). Per concurrency level:
 
     tokens_per_s      all streams' completion tokens / wall time from the first request to the last [DONE]
+    decode_tokens_per_s  the sum over streams of (tokens after the first) / (first token -> [DONE]): the
+                      rate while the streams decode together, without the prompts' prefill before it
     ttft_s            time to first token (request sent -> first content chunk), p50 / p95 over streams
     itl_s             inter-token latency (gap between consecutive content chunks), p50 / p95 over all gaps
     speedup_vs_1      tokens_per_s / tokens_per_s at 1 stream (continuous batching's gain)
+    decode_speedup_vs_1  the same for decode_tokens_per_s
 
 Without --ckpt the model is the preset's shape with random weights (speed does not depend on the
 weights). Prints one JSON object; never asserts a time.
@@ -109,7 +112,7 @@ async def one_stream(client: httpx.AsyncClient, url: str, seed: int, max_tokens:
     end = time.perf_counter()
     gaps = [b - a for a, b in zip(chunk_times, chunk_times[1:])]
     return {"start": start, "end": end, "ttft": (chunk_times[0] - start) if chunk_times else None, "gaps": gaps,
-            "tokens": tokens}
+            "first_token": chunk_times[0] if chunk_times else None, "tokens": tokens}
 
 
 async def run_level(base_url: str, concurrency: int, max_tokens: int, prompt: str) -> dict:
@@ -122,9 +125,12 @@ async def run_level(base_url: str, concurrency: int, max_tokens: int, prompt: st
     tokens = sum(s["tokens"] for s in streams)
     ttfts = [s["ttft"] for s in streams if s["ttft"] is not None]
     gaps = [g for s in streams for g in s["gaps"]]
+    decode_rate = sum((s["tokens"] - 1) / (s["end"] - s["first_token"]) for s in streams
+                      if s["first_token"] is not None and s["tokens"] > 1)
     return {
         "concurrency": concurrency, "tokens": tokens, "wall_s": round(wall, 3),
         "tokens_per_s": round(tokens / wall, 1),
+        "decode_tokens_per_s": round(decode_rate, 1),
         "ttft_s": {"p50": round(percentile(ttfts, 50), 4), "p95": round(percentile(ttfts, 95), 4)},
         "itl_s": {"p50": round(percentile(gaps, 50), 5), "p95": round(percentile(gaps, 95), 5)},
         "per_stream_tokens_per_s": round(statistics.median(s["tokens"] / (s["end"] - s["start"]) for s in streams), 1),
@@ -162,9 +168,10 @@ def main() -> None:
         finally:
             server.terminate()
             server.join(10)
-    single = next((level["tokens_per_s"] for level in levels if level["concurrency"] == 1), None)
+    single = next((level for level in levels if level["concurrency"] == 1), None)
     for level in levels:
-        level["speedup_vs_1"] = round(level["tokens_per_s"] / single, 2) if single else None
+        for key, rate in (("speedup_vs_1", "tokens_per_s"), ("decode_speedup_vs_1", "decode_tokens_per_s")):
+            level[key] = round(level[rate] / single[rate], 2) if single else None
     result = {
         "benchmark": "serve_throughput",
         "model": {"checkpoint": args.ckpt or f"random {args.preset}", "context": health["context_length"]},

@@ -208,12 +208,17 @@ class PackedWeight:
         self.__init__()
 
 
+def packable(weight: torch.Tensor) -> bool:
+    """oneDNN on, and an fp32 or bf16 weight on the CPU."""
+    return (USE_ONEDNN and ONEDNN_AVAILABLE and weight.device.type == "cpu"
+            and weight.dtype in (torch.float32, torch.bfloat16))
+
+
 def uses_packed(x: torch.Tensor, layers: Sequence[nn.Linear]) -> bool:
-    """oneDNN on the CPU, fp32 or bf16, plain `Linear` layers (a LoRA layer adds its own update)
-    and no gradient to compute (packing is for inference)."""
+    """A packable weight, plain `Linear` layers (a LoRA layer adds its own update), and an
+    inference call: no gradient to compute, no tracing or compiling."""
     weight = layers[0].weight
-    return (USE_ONEDNN and ONEDNN_AVAILABLE and x.device.type == "cpu" and x.dtype == weight.dtype
-            and x.dtype in (torch.float32, torch.bfloat16) and x.numel() > 0
+    return (packable(weight) and x.dtype == weight.dtype and x.device == weight.device and x.numel() > 0
             and all(type(layer) is Linear and not needs_grad(x, layer.weight, layer.bias) for layer in layers)
             and not is_exporting() and not (dynamo_loaded() and torch.compiler.is_compiling()))
 
@@ -261,13 +266,26 @@ def pack_for_inference(model: nn.Module, enable: bool = True) -> nn.Module:
 
     Gradients, CUDA, fp16 and torch.compile keep the plain path, so packing a model that is
     still being trained is safe, only costlier in memory (a second copy of the linear weights).
+    Weights that can be packed now are packed now, so the first request does not wait for it
+    (a layer of a fused group only on its own first use, which fusing makes rare).
     """
     if not ONEDNN_AVAILABLE:
         return model
+    packs: list[tuple[PackedWeight, list[nn.Linear]]] = []
+    fused: set[int] = set()
     for module in model.modules():
         if isinstance(module, Linear):
             module.packed_weight = PackedWeight() if enable else None
         if isinstance(module, FusableLinears):
             group = [getattr(module, name, None) for name in module.fusable_linears]
             module.fused_linears = PackedWeight() if enable and can_fuse(group) else None
+            if module.fused_linears is not None:
+                packs.append((module.fused_linears, group))
+                fused.update(id(layer) for layer in group)
+    packs += [(m.packed_weight, [m]) for m in model.modules()
+              if isinstance(m, Linear) and m.packed_weight is not None and id(m) not in fused]
+    with torch.no_grad():
+        for packed, layers in packs:
+            if packable(layers[0].weight):
+                packed.get(layers)
     return model
