@@ -397,6 +397,8 @@ def test_packed_model_trains_saves_and_copies_like_a_plain_one():
     with torch.no_grad():
         plain = model(ids)
     ops.pack_for_inference(model)
+    assert model.lm_head.packed_weight.weight is not None, "weights are packed up front, not on the first request"
+    assert model.model.layers[0].self_attn.fused_linears.weight is not None
     assert model.state_dict().keys() == build(config).state_dict().keys()
     twin = copy.deepcopy(model)  # the opaque packed tensors are not copied, only repacked on use
     with torch.no_grad():
