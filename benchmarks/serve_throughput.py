@@ -14,6 +14,10 @@ number of tokens (`ignore_eos`, so every stream generates the same amount). Per 
     speedup_vs_1      tokens_per_s / tokens_per_s at 1 stream (continuous batching's gain)
     decode_speedup_vs_1  the same for decode_tokens_per_s
 
+`engine_levels` then runs the same streams (same prompt, sampling and token counts) through the
+engine alone, in this process after the server has stopped: no HTTP, no client on the same cores.
+The difference between the two is what the server and the client cost.
+
 Without --ckpt the model is the preset's shape with random weights (speed does not depend on the
 weights). Prints one JSON object; never asserts a time.
 """
@@ -137,6 +141,48 @@ async def run_level(base_url: str, concurrency: int, max_tokens: int, prompt: st
     }
 
 
+def engine_level(engine, prompt_ids: list[int], concurrency: int, max_tokens: int) -> dict:
+    """`concurrency` sequences through `engine.step()` directly, timed per token as the server streams them."""
+    from acornlm.infer.sampling import SamplingParams
+
+    times: list[list[float]] = [[] for _ in range(concurrency)]
+    start = time.perf_counter()
+    for seed in range(concurrency):
+        engine.submit(prompt_ids, SamplingParams(max_new_tokens=max_tokens, temperature=0.8, seed=seed),
+                      on_event=lambda event, seed=seed: times[seed].append(time.perf_counter()), ignore_eos=True)
+    while engine.step():
+        pass
+    tokens = sum(map(len, times))
+    return {
+        "concurrency": concurrency, "tokens": tokens,
+        "tokens_per_s": round(tokens / (max(t[-1] for t in times) - start), 1),
+        "decode_tokens_per_s": round(sum((len(t) - 1) / (t[-1] - t[0]) for t in times if len(t) > 1), 1),
+    }
+
+
+def engine_levels(ckpt: str, args: argparse.Namespace, prompt: str) -> list[dict]:
+    from acornlm.data.chat import render_prompt
+    from acornlm.serve.server import load_engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = load_engine(ckpt, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
+                         max_context=args.max_context)
+    prompt_ids = render_prompt(engine.tokenizer, [{"role": "user", "content": prompt}])
+    engine_level(engine, prompt_ids, 1, 4)  # warm-up
+    levels = [engine_level(engine, prompt_ids, c, args.max_tokens) for c in args.concurrency]
+    add_speedups(levels)
+    return levels
+
+
+def add_speedups(levels: list[dict]) -> None:
+    """speedup_vs_1 (tokens_per_s) and decode_speedup_vs_1 (decode_tokens_per_s) against 1 stream."""
+    single = next((level for level in levels if level["concurrency"] == 1), None)
+    for level in levels:
+        for key, rate in (("speedup_vs_1", "tokens_per_s"), ("decode_speedup_vs_1", "decode_tokens_per_s")):
+            level[key] = round(level[rate] / single[rate], 2) if single else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", help="checkpoint to serve (default: random weights of --preset)")
@@ -168,10 +214,8 @@ def main() -> None:
         finally:
             server.terminate()
             server.join(10)
-    single = next((level for level in levels if level["concurrency"] == 1), None)
-    for level in levels:
-        for key, rate in (("speedup_vs_1", "tokens_per_s"), ("decode_speedup_vs_1", "decode_tokens_per_s")):
-            level[key] = round(level[rate] / single[rate], 2) if single else None
+        add_speedups(levels)
+        engine_only = engine_levels(ckpt, args, prompt)
     result = {
         "benchmark": "serve_throughput",
         "model": {"checkpoint": args.ckpt or f"random {args.preset}", "context": health["context_length"]},
@@ -180,6 +224,7 @@ def main() -> None:
                    "threads": args.threads or "default"},
         "max_tokens_per_stream": args.max_tokens,
         "levels": levels,
+        "engine_levels": engine_only,
         "environment": environment(),
     }
     print(json.dumps(result, indent=2))

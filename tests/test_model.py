@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from acornlm.errors import ConfigError
 from acornlm.model import ModelConfig, Transformer, ops
-from acornlm.model.transformer import apply_rotary, rope_frequencies
+from acornlm.model.transformer import apply_rotary, one_query_attention, rope_frequencies
 
 transformers = pytest.importorskip("transformers")
 
@@ -414,3 +414,14 @@ def test_packed_model_trains_saves_and_copies_like_a_plain_one():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
     ops.pack_for_inference(model, enable=False)
     assert all(m.packed_weight is None for m in model.modules() if isinstance(m, ops.Linear))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_one_query_attention_equals_sdpa_with_a_padding_mask(kv_heads):
+    torch.manual_seed(0)
+    q = torch.randn(5, 4, 1, 8)
+    k, v = torch.randn(5, kv_heads, 11, 8), torch.randn(5, kv_heads, 11, 8)
+    lengths = torch.tensor([10, 0, 3, 7, 5])
+    mask = (torch.arange(11)[None, :] <= lengths[:, None])[:, None, None, :]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv_heads != 4)
+    torch.testing.assert_close(one_query_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
