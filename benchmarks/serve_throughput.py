@@ -12,6 +12,7 @@ number of tokens (`ignore_eos`, so every stream generates the same amount). Per 
     ttft_s            time to first token (request sent -> first content chunk), p50 / p95 over streams
     itl_s             inter-token latency (gap between consecutive content chunks), p50 / p95 over all gaps
     speedup_vs_1      tokens_per_s / tokens_per_s at 1 stream (continuous batching's gain)
+    client_cpu_s      CPU time this client process spent on the level (it shares the machine's cores)
     decode_speedup_vs_1  the same for decode_tokens_per_s
 
 `engine_levels` then runs the same streams (same prompt, sampling and token counts) through the
@@ -210,7 +211,11 @@ def main() -> None:
         base_url = f"http://127.0.0.1:{port}"
         try:
             health = wait_for_server(base_url, server)
-            levels = [asyncio.run(run_level(base_url, c, args.max_tokens, prompt)) for c in args.concurrency]
+            levels = []
+            for c in args.concurrency:
+                cpu = time.process_time()
+                levels.append(asyncio.run(run_level(base_url, c, args.max_tokens, prompt)))
+                levels[-1]["client_cpu_s"] = round(time.process_time() - cpu, 3)
         finally:
             server.terminate()
             server.join(10)
