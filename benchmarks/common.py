@@ -21,8 +21,13 @@ import torch
 # Make `import acornlm` work when a benchmark is run as `python benchmarks/x.py` from a checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from acornlm.allocator import keep_freed_memory  # noqa: E402
 from acornlm.model import ModelConfig, Transformer  # noqa: E402
 from acornlm.presets import load_preset  # noqa: E402
+
+# As `acornlm` commands and the Trainer do, for every candidate alike (HF models included);
+# ACORNLM_KEEP_FREED_MEMORY=0 measures glibc's default behaviour instead.
+keep_freed_memory()
 
 MATMUL_PEAK_SIZE = 2048  # the same square matmul as acornlm.train.mfu.measure_matmul_peak
 
@@ -90,6 +95,7 @@ def environment() -> dict[str, object]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "keep_freed_memory": keep_freed_memory(),
     }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 
+from acornlm.allocator import keep_freed_memory
 from acornlm.errors import AcornError
 
 # Options that take several values (`--input a.txt b.txt`).
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
     argv = sys.argv[1:] if argv is None else argv
+    keep_freed_memory()  # faster training and prefill on the CPU (acornlm/allocator.py)
     try:
         CLI(build_commands(), args=normalize_argv(argv), prog="acornlm", as_positional=False)
     except AcornError as exc:
