@@ -37,6 +37,8 @@ def pretrain(data: str | None = None, out: str | None = None, model: ModelConfig
     OUT/loss_curve.png. Start with a preset: `--config tiny` (seconds), `--config cpu-demo`
     (minutes on a CPU); any field can then be overridden, e.g. `--train.max_steps 500`.
     Data-parallel on several GPUs or processes: `torchrun --nproc_per_node N -m acornlm train pretrain ...`.
+    On Linux the process reuses the memory a step frees instead of returning it to the OS (faster CPU
+    steps, peak memory held until exit); ACORNLM_KEEP_FREED_MEMORY=0 turns that off.
 
     Args:
         data: Prepared data directory from `acornlm data prepare` (train.bin, val.bin, meta.json, tokenizer/).
