@@ -5,9 +5,9 @@ Why: PyTorch's CPU tensors come from the C library's malloc. glibc serves large 
 with `munmap` when freed. A training step allocates and frees the same large activations and
 gradients every time (the [tokens, vocab] logits alone are 52 MB at minimind2-small's batch), so
 each step the kernel maps and zeroes those pages again: in a profile of one step on the 2-core
-benchmark machine, filling the zeroed loss gradient ran at ~0.6 GB/s and SwiGLU's multiply at ~2
-GB/s. With mmap off and no trimming, freed blocks are reused and a step got ~20% faster
-(benchmarks/README.md). The cost: the process keeps its peak memory until it exits.
+benchmark machine, filling the zeroed loss gradient took 81 ms (~0.6 GB/s) and SwiGLU's multiplies
+140 ms. With mmap off and no trimming, freed blocks are reused: 3 ms and 18 ms, and training went
+from 1599 to 1814 tokens/s (benchmarks/README.md). The cost: the process keeps its peak memory until it exits.
 
 `keep_freed_memory()` applies it with `mallopt` where glibc is the C library (Linux); elsewhere,
 or when ACORNLM_KEEP_FREED_MEMORY=0, it does nothing. jemalloc/tcmalloc preloaded with LD_PRELOAD
