@@ -33,10 +33,13 @@ MATMUL_PEAK_SIZE = 2048  # the same square matmul as acornlm.train.mfu.measure_m
 
 
 def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int,
-                     warmup: int = 1) -> dict[str, list[float]]:
+                     warmup: int = 1, calls_per_turn: int = 1) -> dict[str, list[float]]:
     """Seconds of each call of each candidate, run round-robin so load bursts hit all of them.
 
-    The starting candidate rotates each round so none is always first after a pause.
+    The starting candidate rotates each round so none is always first after a pause. With
+    calls_per_turn > 1 a candidate runs that many times in a row per turn and only the last call
+    is timed: the steady state of a loop that repeats one step (training), not the first step
+    after another model has run in between (other weights and activations in the caches).
     """
     names = list(candidates)
     for _ in range(warmup):
@@ -46,6 +49,8 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int,
     for round_idx in range(repeats):
         shift = round_idx % len(names)
         for name in names[shift:] + names[:shift]:
+            for _ in range(calls_per_turn - 1):
+                candidates[name]()
             start = time.perf_counter()
             candidates[name]()
             times[name].append(time.perf_counter() - start)

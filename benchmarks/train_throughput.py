@@ -6,6 +6,8 @@ round-robin in one process (see common.time_interleaved). Candidates:
 
   acornlm           the model as shipped (fp32 matmuls on oneDNN, see acornlm/model/ops.py)
   acornlm_mkl       the same model with ops.USE_ONEDNN = False: PyTorch's default MKL matmuls
+  acornlm_sdpa      the same model with attention through SDPA's fused kernel instead of oneDNN
+                    products (acornlm/model/onednn_attention.py)
   hf_llama          transformers LlamaForCausalLM: exactly the same architecture (apples to apples)
   hf_qwen3          transformers Qwen3ForCausalLM: the same plus QK-norm (a little more work per step)
   acornlm_compiled  (--compile) torch.compile(model), default inductor settings
@@ -30,6 +32,7 @@ import common
 import torch
 import torch.nn.functional as F
 
+from acornlm.model import onednn_attention as attention
 from acornlm.model import ops
 from acornlm.train.config import TrainConfig
 from acornlm.train.mfu import measure_matmul_peak
@@ -37,16 +40,16 @@ from acornlm.train.optim import build_optimizer
 
 
 def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
-                  targets: torch.Tensor, use_onednn: bool = True):
+                  targets: torch.Tensor, use_onednn: bool = True, onednn_attention: bool = True):
     """One optimizer step as acornlm's pretraining does it, returned as a no-argument callable."""
     def step() -> None:
-        ops.USE_ONEDNN = use_onednn
+        ops.USE_ONEDNN, attention.ENABLED = use_onednn, onednn_attention
         logits = common.logits_of(model(inputs))
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ops.USE_ONEDNN = True
+        ops.USE_ONEDNN, attention.ENABLED = True, True
     return step
 
 
@@ -56,6 +59,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=8, help="timed rounds (each runs every candidate once)")
+    parser.add_argument("--calls-per-turn", type=int, default=2,
+                        help="steps each candidate runs in a row per round; only the last is timed (steady "
+                             "state: 1 times the first step after another model ran)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = PyTorch's default")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers models")
@@ -75,11 +81,12 @@ def main() -> None:
     inputs, targets = batch[:, :-1], batch[:, 1:]
     train_config = TrainConfig()
 
-    def candidate(net: torch.nn.Module, use_onednn: bool = True):
+    def candidate(net: torch.nn.Module, use_onednn: bool = True, onednn_attention: bool = True):
         return training_step(net, build_optimizer(net, train_config, torch.device("cpu")), inputs, targets,
-                             use_onednn)
+                             use_onednn, onednn_attention)
 
-    candidates = {"acornlm": candidate(model), "acornlm_mkl": candidate(copy.deepcopy(model), False)}
+    candidates = {"acornlm": candidate(model), "acornlm_mkl": candidate(copy.deepcopy(model), False),
+                  "acornlm_sdpa": candidate(copy.deepcopy(model), onednn_attention=False)}
     if not args.no_hf and config.family != "gpt2":
         candidates["hf_llama"] = candidate(common.hf_twin(model, "llama").train())
         candidates["hf_qwen3"] = candidate(common.hf_twin(model, "qwen3").train())
@@ -99,7 +106,8 @@ def main() -> None:
         candidates["peak_onednn"] = lambda: ops.onednn_matmul(a, b)
     mfu_module_peak = measure_matmul_peak()
 
-    times = common.time_interleaved(candidates, repeats=args.repeats, warmup=1)
+    times = common.time_interleaved(candidates, repeats=args.repeats, warmup=1,
+                                    calls_per_turn=args.calls_per_turn)
     peaks = {"measure_matmul_peak": mfu_module_peak, "mkl": peak_flops / min(times.pop("peak_mkl"))}
     if "peak_onednn" in times:
         peaks["onednn"] = peak_flops / min(times.pop("peak_onednn"))
@@ -117,7 +125,7 @@ def main() -> None:
             "mfu_vs_mkl_peak": round(flops_per_token * tokens_per_s / peaks["mkl"], 3),
             "mfu_vs_best_peak": round(flops_per_token * tokens_per_s / best_peak, 3),
         }
-    for name in ("hf_llama", "hf_qwen3", "acornlm_mkl"):
+    for name in ("hf_llama", "hf_qwen3", "acornlm_mkl", "acornlm_sdpa"):
         if name in results:
             for ours in ("acornlm", "acornlm_compiled"):
                 if ours in results:

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from acornlm.errors import ConfigError
-from acornlm.model import ModelConfig, Transformer, ops
+from acornlm.model import ModelConfig, Transformer, manual_backward, onednn_attention, ops
+from acornlm.model.manual_backward import apply_rotary_manual, rms_norm
+from acornlm.model.onednn_attention import onednn_causal_attention
 from acornlm.model.transformer import apply_rotary, one_query_attention, rope_frequencies
 
 transformers = pytest.importorskip("transformers")
@@ -425,3 +427,85 @@ def test_one_query_attention_equals_sdpa_with_a_padding_mask(kv_heads):
     mask = (torch.arange(11)[None, :] <= lengths[:, None])[:, None, None, :]
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv_heads != 4)
     torch.testing.assert_close(one_query_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
+
+
+# --- CPU training kernels: oneDNN attention, hand-written RMSNorm and RoPE backward ----------------
+
+@pytest.mark.skipif(not ops.ONEDNN_AVAILABLE, reason="this PyTorch build has no oneDNN")
+@pytest.mark.parametrize("kv_heads, seq", [(4, 9), (2, 16), (1, 7)])  # MHA, GQA, MQA
+def test_onednn_causal_attention_equals_sdpa_forward_and_backward(kv_heads, seq):
+    torch.manual_seed(0)
+    batch, heads, dim = 3, 4, 8
+    # laid out as the model makes them: [B, T, heads, D] memory seen as [B, heads, T, D]
+    q = torch.randn(batch, seq, heads, dim).transpose(1, 2).requires_grad_()
+    k = torch.randn(batch, seq, kv_heads, dim).transpose(1, 2).requires_grad_()
+    v = torch.randn(batch, seq, kv_heads, dim).transpose(1, 2).requires_grad_()
+    grad = torch.randn(batch, seq, heads * dim)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads)
+    expected = expected.transpose(1, 2).reshape(batch, seq, heads * dim)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    out = onednn_causal_attention(q, k, v)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # evaluation keeps no probabilities
+        torch.testing.assert_close(onednn_causal_attention(q, k, v), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_manual_rms_norm_and_rope_backward_match_autograd():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn_like(x)
+    torch.testing.assert_close(rms_norm(x, weight, 1e-5), F.rms_norm(x, (8,), weight, 1e-5))
+    torch.testing.assert_close(torch.autograd.grad(rms_norm(x, weight, 1e-5), (x, weight), grad),
+                               torch.autograd.grad(F.rms_norm(x, (8,), weight, 1e-5), (x, weight), grad))
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, 1e-5), (x, weight))
+    # general cos/sin tables (halves not equal), so a wrong half in the backward shows
+    cos, sin = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    torch.testing.assert_close(apply_rotary_manual(x, cos, sin), apply_rotary(x, cos, sin))
+    torch.testing.assert_close(torch.autograd.grad(apply_rotary_manual(x, cos, sin), x, grad),
+                               torch.autograd.grad(apply_rotary(x, cos, sin), x, grad))
+    assert torch.autograd.gradcheck(lambda x: apply_rotary_manual(x, cos, sin), (x,))
+
+
+@pytest.mark.skipif(not ops.ONEDNN_AVAILABLE, reason="this PyTorch build has no oneDNN")
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_cpu_training_kernels_give_the_logits_and_gradients_of_the_plain_path(family, monkeypatch):
+    import acornlm.model.transformer as transformer
+
+    config = FAMILIES[family]()
+    model = build(config).train()
+    ids = random_ids(config, seq=10)
+    calls = {"attention": 0, "rms_norm": 0, "rope": 0}
+
+    def counted(name, fn):
+        def wrapper(*args):
+            calls[name] += 1
+            return fn(*args)
+        return wrapper
+
+    monkeypatch.setattr(transformer, "onednn_causal_attention", counted("attention", onednn_causal_attention))
+    monkeypatch.setattr(transformer, "rms_norm", counted("rms_norm", rms_norm))
+    monkeypatch.setattr(transformer, "apply_rotary_manual", counted("rope", apply_rotary_manual))
+    monkeypatch.setattr(onednn_attention, "MIN_ROWS", 0)  # the tiny model's shapes take the fast path too
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(onednn_attention, "ENABLED", fast)
+        monkeypatch.setattr(transformer, "use_manual_backward", manual_backward.use_manual_backward if fast
+                            else lambda *tensors: False)
+        model.zero_grad(set_to_none=True)
+        logits = model(ids)
+        logits.logsumexp(-1).mean().backward()
+        results.append((logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+        if fast:
+            layers = config.num_hidden_layers
+            assert calls == {"attention": layers, "rms_norm": (2 + 2 * config.qk_norm) * layers + 1,
+                             "rope": 2 * layers}  # q and k
+            changed = ids.clone()
+            changed[:, -1] = (changed[:, -1] + 1) % config.vocab_size  # causality on the fast path
+            with torch.no_grad():
+                torch.testing.assert_close(model(changed)[:, :-1], logits[:, :-1].detach())
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for name in results[0][1]:
+        torch.testing.assert_close(results[0][1][name], results[1][1][name], rtol=1e-4, atol=1e-6, msg=name)

@@ -17,7 +17,9 @@ from torch import nn
 from acornlm.errors import ConfigError
 from acornlm.model.config import ModelConfig
 from acornlm.model.kv_cache import KVCache
+from acornlm.model.manual_backward import apply_rotary_manual, rms_norm, use_manual_backward
 from acornlm.model.moe import MoEFeedForward
+from acornlm.model.onednn_attention import onednn_causal_attention, use_onednn_attention
 from acornlm.model.ops import FusableLinears, Linear, linears
 from acornlm.model.rope import dynamic_cos_sin, is_dynamic_beyond, rope_tables
 
@@ -31,6 +33,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_manual_backward(x, self.weight):  # CPU training: fewer passes over memory
+            return rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
@@ -118,7 +122,8 @@ class CausalSelfAttention(nn.Module, FusableLinears):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if rope is not None:
             cos, sin = rope
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            rotate = apply_rotary_manual if use_manual_backward(q, k) else apply_rotary
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
 
         past = 0
         if cache is not None:
@@ -134,13 +139,15 @@ class CausalSelfAttention(nn.Module, FusableLinears):
             total = past + seq
             mask = torch.ones(seq, total, dtype=torch.bool, device=x.device).tril(diagonal=past)
             is_causal = False
+        dropout = self.dropout if self.training else 0.0
+        if is_causal and mask is None and use_onednn_attention(q, self.num_kv_heads, dropout):
+            return self.o_proj(onednn_causal_attention(q, k, v))  # CPU training and evaluation
         if (seq == 1 and batch > 1 and attention_mask is not None and attention_mask.dtype == torch.bool
                 and attention_mask.shape[1] == 1 and not self.training and q.device.type == "cpu"):
             out = one_query_attention(q, k, v, mask)  # the engine's batched decode step
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal,
-                dropout_p=self.dropout if self.training else 0.0,
+                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
                 enable_gqa=self.num_kv_heads != self.num_heads,
             )
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)

@@ -1,0 +1,131 @@
+"""Causal attention for CPU training as oneDNN products, one per group of heads sharing a KV head.
+
+Why: PyTorch's fused CPU attention (SDPA's flash kernel) does its small products through MKL, which
+takes a slow generic path on AMD CPUs (see acornlm/model/ops.py). For the shapes of training a small
+model, e.g. minimind2-small at batch 8 x 256, doing the same arithmetic as a few large oneDNN
+products is faster: forward + backward of one layer's attention took ~17 instead of ~26 ms on the
+2-core benchmark machine, about 6% of the training step (benchmarks/README.md).
+
+The queries of the heads that share a KV head (GQA) are stacked row by row, position-major (row
+t * group + g is head g at position t), so one product covers the whole group and a row's causal
+mask depends only on t. The whole T x T score matrix is computed and masked: it costs the FLOPs
+that MFU counts (12 L H Q T per token), and skipping the masked half in blocks made more, smaller
+products that were slower. The probabilities are kept for the backward pass, B x H x T x T floats,
+which is why this path is used only for moderate sequence lengths (`use_onednn_attention`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from acornlm.model import ops
+
+# Used when the stacked rows of one group (T x group) are at least this many and T is at most
+# MAX_LEN: below, the per-group calls cost more than they save; above, the kept probabilities
+# grow with T^2 while SDPA's memory grows with T. Measured crossovers are in benchmarks/README.md.
+MIN_ROWS = 1024
+MAX_LEN = 512
+ENABLED = True  # False: always SDPA (benchmarks/train_throughput.py's acornlm_sdpa)
+
+
+def use_onednn_attention(q: torch.Tensor, kv_heads: int, dropout: float) -> bool:
+    """Plain causal self-attention of fp32 CPU tensors, no dropout, not traced or compiled, and a
+    shape where the products beat SDPA. q is [B, heads, T, D]."""
+    if not (ENABLED and ops.USE_ONEDNN and ops.ONEDNN_AVAILABLE):
+        return False
+    _, heads, seq, _ = q.shape
+    if not (q.is_cpu and q.dtype == torch.float32 and dropout == 0.0 and seq <= MAX_LEN
+            and seq * (heads // kv_heads) >= MIN_ROWS):
+        return False
+    return not ops.is_exporting() and not (ops.dynamo_loaded() and torch.compiler.is_compiling())
+
+
+@functools.lru_cache(maxsize=8)
+def causal_bias(seq: int, group: int) -> torch.Tensor:
+    """The additive causal mask for position-major stacked rows: [seq * group, seq], 0 where
+    key <= query position, -inf elsewhere."""
+    allowed = torch.ones(seq, seq, dtype=torch.bool).tril()
+    bias = torch.zeros(seq, seq).masked_fill_(~allowed, float("-inf"))
+    return bias.repeat_interleave(group, dim=0)
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w^T on oneDNN (x is copied when strided; a transposed w is read in place)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      keep_probs: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The forward pass of `OneDNNCausalAttention`; also returns (scaled q, k, v, P) for the
+    backward pass when keep_probs."""
+    batch, heads, seq, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    rows = seq * group
+    # Scaled queries, stacked position-major per KV head: [B, kv_heads, T * group, D].
+    scaled_q = torch.empty(batch, kv_heads, seq, group, head_dim)
+    torch.mul(q.unflatten(1, (kv_heads, group)).transpose(2, 3), head_dim ** -0.5, out=scaled_q)
+    scaled_q = scaled_q.view(batch, kv_heads, rows, head_dim)
+    k, v = k.contiguous(), v.contiguous()
+    bias = causal_bias(seq, group)
+    probs = torch.empty(batch, kv_heads, rows, seq) if keep_probs else None
+    out = torch.empty(batch, seq, kv_heads, group, head_dim)
+    for b in range(batch):
+        for h in range(kv_heads):
+            scores = torch.ops.mkldnn._linear_pointwise.binary(scaled_q[b, h], bias, k[b, h], None, "add")
+            p = torch.softmax(scores, dim=-1, out=probs[b, h]) if keep_probs else torch.softmax(scores, dim=-1)
+            out[b, :, h] = matmul(p, v[b, h].t()).view(seq, group, head_dim)
+    return out.view(batch, seq, heads * head_dim), ((scaled_q, k, v, probs) if keep_probs else ())
+
+
+class OneDNNCausalAttention(torch.autograd.Function):
+    """Scaled dot-product attention (Vaswani et al. 2017) with a causal mask and grouped KV heads:
+    S = Q K^T / sqrt(d) + M, P = softmax(S), O = P V.
+
+    Backward (the softmax Jacobian applied row by row): dV = P^T dO, dP = dO V^T,
+    dS = P * (dP - rowsum(dP * P)), dQ = dS K / sqrt(d), dK = dS^T Q / sqrt(d).
+
+    q [B, heads, T, D], k and v [B, kv_heads, T, D], any strides; returns [B, T, heads * D], the
+    layout the output projection reads.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out, saved = attention_forward(q, k, v, keep_probs=True)
+        ctx.save_for_backward(*saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        scaled_q, k, v, probs = ctx.saved_tensors
+        batch, kv_heads, rows, head_dim = scaled_q.shape
+        seq = k.shape[2]
+        group = rows // seq
+        grad = grad_out.reshape(batch, seq, kv_heads, group, head_dim)
+        grad_q = torch.empty(batch, seq, kv_heads, group, head_dim)
+        grad_k_t = torch.empty(batch, kv_heads, head_dim, seq)  # dK^T and dV^T: see below
+        grad_v_t = torch.empty(batch, kv_heads, head_dim, seq)
+        for b in range(batch):
+            for h in range(kv_heads):
+                g = grad[b, :, h].reshape(rows, head_dim)
+                p = probs[b, h]
+                # dV^T = dO^T P and dK^T = Q^T dS: oneDNN then reads P and dS transposed in place
+                # and copies only the narrow [D, rows] operand.
+                grad_v_t[b, h] = matmul(g.t(), p.t())
+                grad_p = matmul(g, v[b, h])
+                grad_s = torch._softmax_backward_data(grad_p, p, -1, torch.float32)
+                grad_q[b, :, h] = matmul(grad_s, k[b, h].t()).view(seq, group, head_dim)
+                grad_k_t[b, h] = matmul(scaled_q[b, h].t(), grad_s.t())
+        grad_q.mul_(head_dim ** -0.5)
+        grad_q = grad_q.view(batch, seq, kv_heads * group, head_dim).transpose(1, 2)
+        return grad_q, grad_k_t.transpose(2, 3), grad_v_t.transpose(2, 3)
+
+
+def onednn_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d) + causal mask) V as oneDNN products; [B, T, heads * D]. Without
+    gradients (evaluation, prefill) the probabilities are not kept."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return OneDNNCausalAttention.apply(q, k, v)
+    return attention_forward(q, k, v, keep_probs=False)[0]
