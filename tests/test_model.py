@@ -507,5 +507,11 @@ def test_cpu_training_kernels_give_the_logits_and_gradients_of_the_plain_path(fa
             with torch.no_grad():
                 torch.testing.assert_close(model(changed)[:, :-1], logits[:, :-1].detach())
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(onednn_attention, "ENABLED", True)
+    with torch.no_grad():  # a prefill into the KV cache takes the oneDNN attention too, then decoding goes on
+        cache = model.new_cache(ids.shape[0], ids.shape[1])
+        steps = [model(ids[:, :7], cache)] + [model(ids[:, i:i + 1], cache) for i in range(7, ids.shape[1])]
+    assert calls["attention"] == 3 * config.num_hidden_layers  # training, the causality check, the prefill
+    torch.testing.assert_close(torch.cat(steps, dim=1), results[1][0], rtol=1e-5, atol=1e-5)
     for name in results[0][1]:
         torch.testing.assert_close(results[0][1][name], results[1][1][name], rtol=1e-4, atol=1e-6, msg=name)
