@@ -515,3 +515,16 @@ def test_cpu_training_kernels_give_the_logits_and_gradients_of_the_plain_path(fa
     torch.testing.assert_close(torch.cat(steps, dim=1), results[1][0], rtol=1e-5, atol=1e-5)
     for name in results[0][1]:
         torch.testing.assert_close(results[0][1][name], results[1][1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not ops.ONEDNN_AVAILABLE, reason="this PyTorch build has no oneDNN")
+def test_onednn_attention_is_chosen_by_shape_and_memory():
+    q = torch.empty(8, 8, 256, 4)  # minimind2-small's training shape: 1024 stacked rows, 16 MiB of probabilities
+    assert onednn_attention.use_onednn_attention(q.requires_grad_(), kv_heads=2, dropout=0.0)
+    assert not onednn_attention.use_onednn_attention(q, kv_heads=2, dropout=0.1)
+    assert not onednn_attention.use_onednn_attention(q, kv_heads=8, dropout=0.0)  # 256 rows per product
+    big = torch.empty(32, 8, 512, 4, requires_grad=True)  # 256 MiB of probabilities per layer: SDPA
+    assert not onednn_attention.use_onednn_attention(big, kv_heads=2, dropout=0.0)
+    with torch.no_grad():  # nothing is kept without gradients
+        assert onednn_attention.use_onednn_attention(big, kv_heads=2, dropout=0.0)
+    assert not onednn_attention.use_onednn_attention(torch.empty(1, 8, 1024, 4), kv_heads=2, dropout=0.0)

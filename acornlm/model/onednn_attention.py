@@ -22,22 +22,27 @@ import torch
 
 from acornlm.model import ops
 
-# Used when the stacked rows of one group (T x group) are at least this many and T is at most
-# MAX_LEN: below, the per-group calls cost more than they save; above, the kept probabilities
-# grow with T^2 while SDPA's memory grows with T. Measured crossovers are in benchmarks/README.md.
+# Used when the stacked rows of one group (T x group) are at least MIN_ROWS, T is at most MAX_LEN,
+# and, for training, one layer's kept probabilities fit in MAX_KEPT_BYTES: with fewer rows the
+# per-group calls cost more than they save; the kept probabilities grow with B T^2 where SDPA's
+# memory grows with B T (minimind2-small at 8 x 256 keeps 16 MiB per layer, 128 MiB in all).
+# Measured crossovers are in benchmarks/README.md.
 MIN_ROWS = 1024
 MAX_LEN = 512
+MAX_KEPT_BYTES = 64 * 2**20
 ENABLED = True  # False: always SDPA (benchmarks/train_throughput.py's acornlm_sdpa)
 
 
 def use_onednn_attention(q: torch.Tensor, kv_heads: int, dropout: float) -> bool:
-    """Plain causal self-attention of fp32 CPU tensors, no dropout, not traced or compiled, and a
-    shape where the products beat SDPA. q is [B, heads, T, D]."""
+    """Plain causal self-attention of fp32 CPU tensors, no dropout, not traced or compiled, a shape
+    where the products beat SDPA, and for training probabilities that fit the budget. q is [B, heads, T, D]."""
     if not (ENABLED and ops.USE_ONEDNN and ops.ONEDNN_AVAILABLE):
         return False
-    _, heads, seq, _ = q.shape
+    batch, heads, seq, _ = q.shape
     if not (q.is_cpu and q.dtype == torch.float32 and dropout == 0.0 and seq <= MAX_LEN
             and seq * (heads // kv_heads) >= MIN_ROWS):
+        return False
+    if torch.is_grad_enabled() and q.requires_grad and batch * heads * seq * seq * 4 > MAX_KEPT_BYTES:
         return False
     return not ops.is_exporting() and not (ops.dynamo_loaded() and torch.compiler.is_compiling())
 
