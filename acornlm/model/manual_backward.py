@@ -17,10 +17,12 @@ from acornlm.model import ops
 
 
 def use_manual_backward(*tensors: torch.Tensor) -> bool:
-    """Gradients wanted, on the CPU, and not traced or compiled (keep standard graphs there)."""
+    """Gradients wanted, fp32 on the CPU (lower precisions keep PyTorch's upcasting kernels), and not
+    traced or compiled (keep standard graphs there)."""
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
         return False
-    return tensors[0].is_cpu and not ops.is_exporting() and not (
+    first = tensors[0]
+    return first.is_cpu and first.dtype == torch.float32 and not ops.is_exporting() and not (
         ops.dynamo_loaded() and torch.compiler.is_compiling())
 
 
