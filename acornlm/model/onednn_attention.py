@@ -56,11 +56,6 @@ def causal_bias(seq: int, group: int) -> torch.Tensor:
     return bias.repeat_interleave(group, dim=0)
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w^T on oneDNN (x is copied when strided; a transposed w is read in place)."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-
-
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       keep_probs: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The forward pass of `OneDNNCausalAttention`; also returns (scaled q, k, v, P) for the
@@ -81,7 +76,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         for h in range(kv_heads):
             scores = torch.ops.mkldnn._linear_pointwise.binary(scaled_q[b, h], bias, k[b, h], None, "add")
             p = torch.softmax(scores, dim=-1, out=probs[b, h]) if keep_probs else torch.softmax(scores, dim=-1)
-            out[b, :, h] = matmul(p, v[b, h].t()).view(seq, group, head_dim)
+            out[b, :, h] = ops.onednn_matmul(p, v[b, h].t()).view(seq, group, head_dim)
     return out.view(batch, seq, heads * head_dim), ((scaled_q, k, v, probs) if keep_probs else ())
 
 
@@ -118,11 +113,11 @@ class OneDNNCausalAttention(torch.autograd.Function):
                 p = probs[b, h]
                 # dV^T = dO^T P and dK^T = Q^T dS: oneDNN then reads P and dS transposed in place
                 # and copies only the narrow [D, rows] operand.
-                grad_v_t[b, h] = matmul(g.t(), p.t())
-                grad_p = matmul(g, v[b, h])
+                grad_v_t[b, h] = ops.onednn_matmul(g.t(), p.t())
+                grad_p = ops.onednn_matmul(g, v[b, h])
                 grad_s = torch._softmax_backward_data(grad_p, p, -1, torch.float32)
-                grad_q[b, :, h] = matmul(grad_s, k[b, h].t()).view(seq, group, head_dim)
-                grad_k_t[b, h] = matmul(scaled_q[b, h].t(), grad_s.t())
+                grad_q[b, :, h] = ops.onednn_matmul(grad_s, k[b, h].t()).view(seq, group, head_dim)
+                grad_k_t[b, h] = ops.onednn_matmul(scaled_q[b, h].t(), grad_s.t())
         grad_q.mul_(head_dim ** -0.5)
         grad_q = grad_q.view(batch, seq, kv_heads * group, head_dim).transpose(1, 2)
         return grad_q, grad_k_t.transpose(2, 3), grad_v_t.transpose(2, 3)
