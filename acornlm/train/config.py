@@ -34,7 +34,7 @@ class TrainConfig:
         seed: Seed for python, numpy and torch (and the data order).
         device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N" or "mps".
         dtype: "auto" (bf16 autocast on CUDA when supported, fp16 with a GradScaler otherwise, fp32 on CPU), "float32", "bfloat16" or "float16".
-        compile: Compile the model with torch.compile.
+        compile: Compile the model with torch.compile (pays on GPUs; on a CPU eager fp32 training is as fast or faster, see benchmarks/README.md).
         max_bad_steps: Steps in a row that may be skipped for a NaN/inf loss or gradient norm (each is counted in metrics); one more stops the run with an error, leaving the last checkpoint intact.
         tensorboard: Also write TensorBoard event files in the run directory (needs the tensorboard extra).
         wandb: Also log to Weights & Biases in offline mode (needs the wandb extra).
