@@ -22,8 +22,7 @@ def use_manual_backward(*tensors: torch.Tensor) -> bool:
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
         return False
     first = tensors[0]
-    return first.is_cpu and first.dtype == torch.float32 and not ops.is_exporting() and not (
-        ops.dynamo_loaded() and torch.compiler.is_compiling())
+    return first.is_cpu and first.dtype == torch.float32 and not ops.is_traced_or_compiled()
 
 
 class RMSNormFunction(torch.autograd.Function):

@@ -44,7 +44,7 @@ def use_onednn_attention(q: torch.Tensor, kv_heads: int, dropout: float) -> bool
         return False
     if torch.is_grad_enabled() and q.requires_grad and batch * heads * seq * seq * 4 > MAX_KEPT_BYTES:
         return False
-    return not ops.is_exporting() and not (ops.dynamo_loaded() and torch.compiler.is_compiling())
+    return not ops.is_traced_or_compiled()
 
 
 @functools.lru_cache(maxsize=8)

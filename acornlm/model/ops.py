@@ -112,6 +112,11 @@ def is_exporting() -> bool:
     return dynamo_loaded() and getattr(torch.compiler, "is_exporting", lambda: False)()
 
 
+def is_traced_or_compiled() -> bool:
+    """Exporting or torch.compile is capturing a graph: hand-written eager paths step aside for standard ops."""
+    return is_exporting() or (dynamo_loaded() and torch.compiler.is_compiling())
+
+
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (USE_ONEDNN and ONEDNN_AVAILABLE and x.device.type == "cpu"
             and x.dtype == weight.dtype == torch.float32 and x.numel() > 0 and not is_exporting())
@@ -227,7 +232,7 @@ def uses_packed(x: torch.Tensor, layers: Sequence[nn.Linear]) -> bool:
             return False
     if torch.is_grad_enabled() and any(needs_grad(x, layer.weight, layer.bias) for layer in layers):
         return False
-    return not is_exporting() and not (dynamo_loaded() and torch.compiler.is_compiling())
+    return not is_traced_or_compiled()
 
 
 def packed_product(x: torch.Tensor, layers: Sequence[nn.Linear], packed: PackedWeight) -> list[torch.Tensor]:
