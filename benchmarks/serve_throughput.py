@@ -2,9 +2,15 @@
 
     .venv/bin/python benchmarks/serve_throughput.py [--quick] [--ckpt DIR] [--preset minimind2-small]
 
-The server runs in its own process exactly as `acornlm serve` does (engine thread + uvicorn); this
-process is the client: N streams at once, each a streaming /v1/chat/completions request for a fixed
-number of tokens (`ignore_eos`, so every stream generates the same amount). Per concurrency level:
+The server runs in its own process exactly as `acornlm serve` does; this process is the client: N
+streams at once, each a streaming /v1/chat/completions request for a fixed number of tokens
+(`ignore_eos`, so every stream generates the same amount). Two server variants are started side by
+side and measured in turns, level by level, for --repeats rounds (so load from elsewhere hits both):
+
+    process   the engine in a process of its own (`acornlm serve`'s default)
+    thread    the engine on a thread of the server process (`acornlm serve --engine_process false`)
+
+Per variant and concurrency level, the round with the median tokens_per_s is reported:
 
     tokens_per_s      all streams' completion tokens / wall time from the first request to the last [DONE]
     decode_tokens_per_s  the sum over streams of (tokens after the first) / (first token -> [DONE]): the
@@ -71,15 +77,15 @@ def random_checkpoint(preset: str, out: Path) -> Path:
 
 
 def serve_process(ckpt: str, port: int, max_batch: int, max_context: int, device: str, dtype: str,
-                  threads: int) -> None:
+                  threads: int, variant: str) -> None:
     """The server, as `acornlm serve` runs it (in a child process)."""
-    if threads:
-        torch.set_num_threads(threads)
+    from acornlm.serve.engine_process import EngineProcess, EngineSettings
     from acornlm.serve.protocol import ServerLimits
-    from acornlm.serve.server import load_engine, run_server
+    from acornlm.serve.server import run_server
 
-    engine = load_engine(ckpt, device=device, dtype=dtype, max_batch=max_batch, max_queue=4 * max_batch,
-                         max_context=max_context)
+    settings = EngineSettings(ckpt, device=device, dtype=dtype, max_batch=max_batch, max_queue=4 * max_batch,
+                              max_context=max_context, threads=threads)
+    engine = EngineProcess(settings) if variant == "process" else settings.load()
     run_server(engine, "bench", host="127.0.0.1", port=port, limits=ServerLimits(max_output_tokens=4096),
                log_level="warning")  # no access log: stdout carries the JSON
 
@@ -176,6 +182,14 @@ def engine_levels(ckpt: str, args: argparse.Namespace, prompt: str) -> list[dict
     return levels
 
 
+def median_round(levels: list[dict]) -> dict:
+    """The round with the median tokens_per_s (the lower middle one for an even count)."""
+    ordered = sorted(levels, key=lambda level: level["tokens_per_s"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["tokens_per_s_rounds"] = [level["tokens_per_s"] for level in levels]
+    return chosen
+
+
 def add_speedups(levels: list[dict]) -> None:
     """speedup_vs_1 (tokens_per_s) and decode_speedup_vs_1 (decode_tokens_per_s) against 1 stream."""
     single = next((level for level in levels if level["concurrency"] == 1), None)
@@ -195,40 +209,59 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of the server (0 = default)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny preset, 16 tokens, 1 and 4 streams")
+    parser.add_argument("--variants", nargs="+", choices=["process", "thread"], default=["process", "thread"],
+                        help="server variants measured side by side; `levels` reports the first")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over the levels and variants")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: tiny preset, 16 tokens, 1 and 4 streams, one round")
     args = parser.parse_args()
     if args.quick:
-        args.preset, args.max_tokens, args.concurrency = "tiny", 16, [1, 4]
+        args.preset, args.max_tokens, args.concurrency, args.repeats = "tiny", 16, [1, 4], 1
     prompt = "the king speaks to the queen near the river and the castle " * 2
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.ckpt or str(random_checkpoint(args.preset, Path(tmp)))
-        port = free_port()
-        server = multiprocessing.get_context("spawn").Process(
-            target=serve_process, args=(ckpt, port, args.max_batch, args.max_context, args.device, args.dtype, args.threads),
-            daemon=True)
-        server.start()
-        base_url = f"http://127.0.0.1:{port}"
+        servers = {}
         try:
-            health = wait_for_server(base_url, server)
-            levels = []
-            for c in args.concurrency:
-                cpu = time.process_time()
-                levels.append(asyncio.run(run_level(base_url, c, args.max_tokens, prompt)))
-                levels[-1]["client_cpu_s"] = round(time.process_time() - cpu, 3)
+            for variant in args.variants:
+                port = free_port()
+                # not a daemon: the "process" variant starts the engine's own process
+                server = multiprocessing.get_context("spawn").Process(
+                    target=serve_process, args=(ckpt, port, args.max_batch, args.max_context, args.device, args.dtype,
+                                                args.threads, variant))
+                server.start()
+                servers[variant] = (server, f"http://127.0.0.1:{port}")
+            health = {variant: wait_for_server(url, server) for variant, (server, url) in servers.items()}
+            rounds = {variant: {c: [] for c in args.concurrency} for variant in args.variants}
+            for round_idx in range(args.repeats):
+                for c in args.concurrency:
+                    shift = round_idx % len(args.variants)
+                    for variant in args.variants[shift:] + args.variants[:shift]:
+                        cpu = time.process_time()
+                        level = asyncio.run(run_level(servers[variant][1], c, args.max_tokens, prompt))
+                        level["client_cpu_s"] = round(time.process_time() - cpu, 3)
+                        rounds[variant][c].append(level)
         finally:
-            server.terminate()
-            server.join(10)
-        add_speedups(levels)
+            for server, _ in servers.values():
+                server.terminate()
+                server.join(10)
+        variants = {}
+        for variant in args.variants:
+            levels = [median_round(rounds[variant][c]) for c in args.concurrency]
+            add_speedups(levels)
+            variants[variant] = levels
         engine_only = engine_levels(ckpt, args, prompt)
     result = {
         "benchmark": "serve_throughput",
-        "model": {"checkpoint": args.ckpt or f"random {args.preset}", "context": health["context_length"]},
+        "model": {"checkpoint": args.ckpt or f"random {args.preset}",
+                  "context": health[args.variants[0]]["context_length"]},
         "server": {"max_batch": args.max_batch, "max_context": args.max_context, "device": args.device,
                    "dtype": args.dtype,
                    "threads": args.threads or "default"},
         "max_tokens_per_stream": args.max_tokens,
-        "levels": levels,
+        "repeats": args.repeats,
+        "levels": variants[args.variants[0]],
+        "variants": variants,
         "engine_levels": engine_only,
         "environment": environment(),
     }

@@ -19,11 +19,12 @@ import torch
 from acornlm.checkpoint import write_model_files
 from acornlm.data.chat import render_prompt
 from acornlm.errors import ConfigError
-from acornlm.infer.engine import Engine
+from acornlm.infer.engine import Engine, EngineStopped
 from acornlm.infer.generate import generate_tokens
 from acornlm.infer.sampling import SamplingParams
 from acornlm.model import ModelConfig, Transformer
 from acornlm.serve.app import create_app
+from acornlm.serve.engine_process import EngineProcess, EngineSettings
 from acornlm.serve.protocol import ServerLimits
 from acornlm.serve.server import BackgroundServer, load_engine
 from acornlm.tokenizer import train_tokenizer
@@ -415,3 +416,113 @@ def test_a_client_that_gives_up_on_a_non_streaming_request_frees_its_slot(server
             http.post(server.url + "/v1/completions", json=body, headers=headers)
     assert wait_until(lambda: engine.num_running == 0)
     assert engine.finished["abort"] == aborted_before + 1
+
+
+# --------------------------------------------------------------------------- the engine in its own process
+
+
+@pytest.fixture(scope="module")
+def process_engine(checkpoint):
+    engine = EngineProcess(EngineSettings(str(checkpoint), device="cpu", max_batch=2, max_queue=2,
+                                          threads=1)).start()
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def process_server(process_engine):
+    with BackgroundServer(create_app(process_engine, MODEL)) as server:
+        yield server
+
+
+def test_engine_process_serves_what_the_engine_generates(process_engine, process_server, engine):
+    """4 streams through a 2-slot engine in its own process: each equals its unbatched generation."""
+    assert (process_engine.num_params, process_engine.context_length, process_engine.vocab_size) == (
+        engine.num_params, engine.context_length, engine.vocab_size)
+    client = openai.OpenAI(base_url=process_server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    prompt_ids = render_prompt(engine.tokenizer, HELLO)
+    results: dict[int, str] = {}
+    steps_before = process_engine.decode_steps
+
+    def worker(seed: int) -> None:
+        stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=20, temperature=1.0,
+                                                seed=seed, stream=True, extra_body={"ignore_eos": True})
+        results[seed] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for seed in range(4):
+        assert results[seed] == reference(engine, prompt_ids, eos_ids=(), max_new_tokens=20, temperature=1.0,
+                                          seed=seed)[0]
+    assert 20 <= process_engine.decode_steps - steps_before < 4 * 19  # rows were decoded together
+    health = httpx.get(process_server.url + "/health").json()
+    assert health["status"] == "ok" and health["running"] == 0 and health["finished"]["length"] >= 4
+
+
+def test_engine_process_checks_requests_before_sending_them(process_engine, process_server):
+    client = openai.OpenAI(base_url=process_server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError, match="64 bits"):
+        client.completions.create(model=MODEL, prompt="the", max_tokens=2, seed=2**70)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model=MODEL, prompt="the king " * 300, max_tokens=2)
+    with pytest.raises(ConfigError, match="one sample"):
+        process_engine.submit([1, 2], SamplingParams(num_samples=2), on_event=lambda event: None)
+    # 2 running + 2 waiting fill the engine: the fifth sequence is refused at once (HTTP 429)
+    events: list = []
+    handles = [process_engine.submit([1, 2, 3], SamplingParams(max_new_tokens=200), ignore_eos=True,
+                                     on_event=events.append) for _ in range(4)]
+    with pytest.raises(openai.RateLimitError):
+        client.completions.create(model=MODEL, prompt="the", max_tokens=2)
+    for handle in handles:
+        handle.cancel()
+    assert wait_until(lambda: sum(e.finished for e in events) == 4)
+    assert [e.finish_reason for e in events if e.finished] == ["abort"] * 4
+    assert wait_until(lambda: process_engine.num_running == 0 and process_engine.num_waiting == 0)
+
+
+def test_engine_process_disconnected_stream_frees_its_slot(process_engine, process_server):
+    aborted_before = process_engine.finished["abort"]
+    body = {"model": MODEL, "prompt": "the king", "max_tokens": 250, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", process_server.url + "/v1/completions", json=body) as response:
+            next(line for line in response.iter_lines() if line.startswith("data: "))
+            assert wait_until(lambda: process_engine.num_running == 1)
+    assert wait_until(lambda: process_engine.num_running == 0)
+    assert process_engine.finished["abort"] == aborted_before + 1
+
+
+def test_engine_process_death_ends_streams_with_an_error_and_health_503(checkpoint):
+    engine = EngineProcess(EngineSettings(str(checkpoint), device="cpu", max_batch=1, threads=1)).start()
+    try:
+        with BackgroundServer(create_app(engine, MODEL)) as server:
+            body = {"model": MODEL, "prompt": "the", "max_tokens": 250, "stream": True, "ignore_eos": True}
+            with httpx.Client(timeout=30) as http:
+                with http.stream("POST", server.url + "/v1/completions", json=body) as response:
+                    lines = response.iter_lines()
+                    next(line for line in lines if line.startswith("data: "))
+                    engine._process.kill()
+                    rest = list(lines)
+            assert any('"code": "error"' in line and "engine process exited" in line for line in rest)
+            assert not engine.alive
+            assert httpx.get(server.url + "/health").status_code == 503
+            reply = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "the"})
+            assert reply.status_code == 503 and "Traceback" not in reply.text
+    finally:
+        engine.shutdown()
+
+
+def test_engine_process_shutdown_aborts_running_sequences_and_bad_checkpoints_fail_early(checkpoint, tmp_path):
+    engine = EngineProcess(EngineSettings(str(checkpoint), device="cpu", max_batch=1, threads=1)).start()
+    events: list = []
+    engine.submit([1, 2, 3], SamplingParams(max_new_tokens=250), ignore_eos=True, on_event=events.append)
+    assert wait_until(lambda: len(events) > 0)
+    engine.shutdown()
+    assert events[-1].finish_reason == "abort" and sum(e.finished for e in events) == 1
+    assert not engine.alive
+    with pytest.raises(EngineStopped):
+        engine.submit([1, 2], SamplingParams(), on_event=events.append)
+    with pytest.raises(ConfigError, match="no-such-checkpoint"):
+        EngineProcess(EngineSettings(str(tmp_path / "no-such-checkpoint"), device="cpu"))

@@ -28,6 +28,7 @@ def serve(
     rope_scaling: dict[str, Any] | None = None,
     max_position_embeddings: int | None = None,
     threads: int = 0,
+    engine_process: bool = True,
 ) -> None:
     """Serve a checkpoint over HTTP with the OpenAI API and a chat page at http://HOST:PORT/.
 
@@ -56,6 +57,9 @@ def serve(
         max_position_embeddings: Longest sequence to accept; default: trained length x rope_scaling factor.
         threads: CPU threads for the model's math (0 = PyTorch's default, one per core). On a machine
             shared with other work, 1 often decodes faster than oversubscribed cores.
+        engine_process: Run the model in a process of its own (default), so that it and the HTTP
+            server do not take turns on one Python interpreter lock; false keeps it on a thread of
+            the server process (one process to debug or profile).
     """
     if ckpt is None:
         raise ConfigError("--ckpt is required: a checkpoint directory or a run directory")
@@ -64,8 +68,9 @@ def serve(
         import uvicorn  # noqa: F401
     except ImportError as exc:
         raise ConfigError(f"serving needs the serve extra ({exc.name} is missing): pip install 'acornlm[serve]'") from exc
+    from acornlm.serve.engine_process import EngineProcess, EngineSettings
     from acornlm.serve.protocol import ServerLimits
-    from acornlm.serve.server import load_engine, run_server
+    from acornlm.serve.server import run_server
 
     for name, value in (("max_tokens", max_tokens), ("max_body_bytes", max_body_bytes)):
         if value < 1:
@@ -75,17 +80,14 @@ def serve(
     if max_context < 0:
         raise ConfigError(f"--max_context must be >= 0 (0 = the model's context), got {max_context}")
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    engine = load_engine(ckpt, device=device, dtype=dtype, quantize=quantize,
-                         rope_scaling=rope_scaling, max_position_embeddings=max_position_embeddings, max_batch=max_batch, max_queue=max_queue,
-                         max_context=max_context or None)
+    settings = EngineSettings(str(ckpt), device=device, dtype=dtype, max_batch=max_batch, max_queue=max_queue,
+                              max_context=max_context or None, quantize=quantize, rope_scaling=rope_scaling,
+                              max_position_embeddings=max_position_embeddings, threads=threads)
+    engine = EngineProcess(settings) if engine_process else settings.load()
     name = model_name or Path(ckpt).resolve().name
     limits = ServerLimits(max_output_tokens=max_tokens, max_body_bytes=max_body_bytes)
     url = f"http://{host}:{port}"
-    print(f"serving {name}: {engine.model.num_params() / 1e6:.1f}M parameters, context {engine.context_length} "
+    print(f"serving {name}: {engine.num_params / 1e6:.1f}M parameters, context {engine.context_length} "
           f"tokens, KV cache {engine.kv_cache_bytes / 2**20:.0f} MiB for {engine.max_batch} sequences", flush=True)
     print(f"chat page {url}/  OpenAI API {url}/v1" + ("  (API key required)" if api_key else ""), flush=True)
     run_server(engine, name, host=host, port=port, api_key=api_key, limits=limits)

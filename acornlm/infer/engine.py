@@ -287,15 +287,13 @@ class Engine:
         """Whether the engine thread is running (and so will serve submitted sequences)."""
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
+    @property
+    def num_params(self) -> int:
+        return self.model.num_params()
+
     def check_prompt(self, prompt_ids: Sequence[int]) -> None:
         """Raise ConfigError when a prompt cannot be generated from (empty, or longer than the context)."""
-        if not prompt_ids:
-            raise ConfigError("the prompt is empty: it needs at least one token")
-        if len(prompt_ids) > self.context_length:
-            raise ConfigError(
-                f"the prompt has {len(prompt_ids)} tokens but the model's context is {self.context_length} "
-                "tokens; shorten the prompt or the conversation"
-            )
+        check_prompt(prompt_ids, self.context_length)
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, *, on_event: Callable[[Event], None],
                top_logprobs: int | None = None, ignore_eos: bool = False) -> SequenceHandle:
@@ -305,14 +303,9 @@ class Engine:
         `top_logprobs`: None = no logprobs, k = the sampled token's and the k most likely tokens' logprobs.
         `ignore_eos`: do not stop at the engine's stop tokens (params.stop_token_ids still apply).
         """
-        if params.num_samples != 1:
-            raise ConfigError("submit() takes one sample per sequence: submit the prompt n times for n samples")
         self.check_prompt(prompt_ids)
         prompt_ids = list(prompt_ids)
-        try:  # built here, so a bad setting fails this call instead of the engine thread
-            sampler = TokenSampler(params, prompt_ids, 1, self.vocab_size, self.device)
-        except (RuntimeError, ValueError) as exc:  # e.g. a seed beyond 64 bits
-            raise ConfigError(f"cannot sample with these settings ({exc}); a seed must fit in 64 bits") from exc
+        sampler = make_sampler(params, prompt_ids, self.vocab_size, self.device)  # fails here, not on the engine thread
         seq = _Sequence(
             id=next(self._ids), prompt_ids=prompt_ids, params=params, top_logprobs=top_logprobs,
             on_event=on_event, detok=StreamingDetokenizer(self.tokenizer.token_bytes, params.stop),
@@ -398,10 +391,15 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     return
-            try:
-                self.step()
-            except Exception as exc:  # noqa: BLE001 - a failed step must not kill the server
-                self._fail_all(f"{type(exc).__name__}: {exc}")
+            self.step_or_fail()
+
+    def step_or_fail(self) -> None:
+        """step(), but an exception ends the running sequences with an error event instead of
+        escaping: a failed step (e.g. out of memory) must not kill the server."""
+        try:
+            self.step()
+        except Exception as exc:  # noqa: BLE001
+            self._fail_all(f"{type(exc).__name__}: {exc}")
 
     def _fail_all(self, message: str) -> None:
         """End every running sequence with an error event (e.g. out of memory in a forward pass)."""
@@ -545,6 +543,28 @@ class Engine:
             if row < len(self._rows):
                 self._rows[row] = last
                 self.cache.move(len(self._rows), row, last.length)
+
+
+def check_prompt(prompt_ids: Sequence[int], context_length: int) -> None:
+    """Raise ConfigError when a prompt cannot be generated from (empty, or longer than the context)."""
+    if not prompt_ids:
+        raise ConfigError("the prompt is empty: it needs at least one token")
+    if len(prompt_ids) > context_length:
+        raise ConfigError(
+            f"the prompt has {len(prompt_ids)} tokens but the model's context is {context_length} "
+            "tokens; shorten the prompt or the conversation"
+        )
+
+
+def make_sampler(params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int,
+                 device: torch.device | str) -> TokenSampler:
+    """The sampler of one submitted sequence; ConfigError for settings that cannot be sampled with."""
+    if params.num_samples != 1:
+        raise ConfigError("submit() takes one sample per sequence: submit the prompt n times for n samples")
+    try:
+        return TokenSampler(params, prompt_ids, 1, vocab_size, device)
+    except (RuntimeError, ValueError) as exc:  # e.g. a seed beyond 64 bits
+        raise ConfigError(f"cannot sample with these settings ({exc}); a seed must fit in 64 bits") from exc
 
 
 def sampling_for_request(params: SamplingParams, index: int) -> SamplingParams:
