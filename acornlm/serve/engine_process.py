@@ -195,7 +195,10 @@ class EngineProcess:
         self._status = _Status()
         self._callbacks: dict[int, Callable[[Event], None]] = {}
         self._ids = itertools.count()
-        self._lock = threading.Lock()  # guards the pipe's sending end and _callbacks
+        # Two locks, so the reader thread never waits behind a send: a send can block while the pipe is
+        # full, and only the reader's progress lets the engine process drain it.
+        self._lock = threading.Lock()  # guards _callbacks
+        self._send_lock = threading.Lock()  # one message at a time down the pipe
         self._stopping = False
         self._reader = threading.Thread(target=self._read, name="acornlm-engine-reader", daemon=True)
 
@@ -259,7 +262,10 @@ class EngineProcess:
                 )
             seq_id = next(self._ids)
             self._callbacks[seq_id] = on_event
-            self._conn.send(("submit", seq_id, list(prompt_ids), params, top_logprobs, ignore_eos))
+        if not self._send(("submit", seq_id, list(prompt_ids), params, top_logprobs, ignore_eos)):
+            with self._lock:
+                self._callbacks.pop(seq_id, None)
+            raise EngineStopped("the engine process is not running")
         return _Handle(self, seq_id)
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -279,12 +285,14 @@ class EngineProcess:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _send(self, message: tuple) -> None:
-        with self._lock:
+    def _send(self, message: tuple) -> bool:
+        """Send one message; False when the engine process is gone (the reader then ends every sequence)."""
+        with self._send_lock:
             try:
                 self._conn.send(message)
-            except OSError:  # the process is gone; the reader ends every sequence
-                pass
+                return True
+            except OSError:
+                return False
 
     def _read(self) -> None:
         """Hand each event to its sequence's callback, until the engine process stops or dies."""
