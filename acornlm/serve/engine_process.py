@@ -311,6 +311,7 @@ class EngineProcess:
         except (EOFError, OSError):
             pass
         if not self._stopping:
+            self._process.join(5)  # reap it, for its exit code
             code = self._process.exitcode
             self._end_all("error", f"the engine process exited unexpectedly (code {code})")
 
