@@ -8,7 +8,7 @@ import torch
 from acornlm.errors import ConfigError
 from acornlm.infer.engine import Engine, EngineFull, Event, SlotKVCache
 from acornlm.infer.generate import generate_tokens
-from acornlm.infer.sampling import SamplingParams
+from acornlm.infer.sampling import SamplingParams, TokenSampler, sample_rows
 from acornlm.model import ModelConfig, Transformer
 from acornlm.tokenizer import train_tokenizer
 
@@ -76,12 +76,36 @@ REQUESTS = [  # (prompt, sampling settings): different lengths and every samplin
     ("🎉", dict(max_new_tokens=25, temperature=0.0, repetition_penalty=1.3)),
     ("The queen and the king of a long prompt that runs on", dict(max_new_tokens=16, temperature=1.2, seed=3,
                                                                   frequency_penalty=0.5, presence_penalty=0.5)),
+    ("a song", dict(max_new_tokens=14, temperature=0.7, seed=4)),  # plain temperature sampling: batched rows
+    ("the river", dict(max_new_tokens=9, temperature=1.5, seed=5)),
 ]
+
+
+def test_sample_rows_picks_what_each_sampler_picks_alone():
+    """Rows sampled together (plain ones in one pass) get the tokens their own samplers give."""
+    settings = [dict(temperature=0.0), dict(temperature=0.8, seed=1), dict(temperature=1.3, seed=2),
+                dict(temperature=1.0, seed=3, top_k=5), dict(temperature=0.0, repetition_penalty=1.5),
+                dict(temperature=0.8, seed=4)]
+
+    def samplers():
+        return [TokenSampler(SamplingParams(**kw), [1, 2, 3], 1, 50, "cpu") for kw in settings]
+
+    together, alone = samplers(), samplers()
+    assert [s.plain for s in together] == [True, True, True, False, False, True]
+    torch.manual_seed(0)
+    for _ in range(20):  # the generators move on from step to step
+        logits = torch.randn(len(settings), 50) * 2
+        expected = torch.cat([sampler(logits[i:i + 1]) for i, sampler in enumerate(alone)])
+        assert torch.equal(sample_rows(logits, together), expected)
+    broken = torch.zeros(2, 50)
+    broken[1, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="nan"):  # as torch.multinomial refuses it
+        sample_rows(broken, samplers()[1:3])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batched_generation_matches_unbatched(tokenizer, family):
-    """Five requests through a 3-slot engine (two join later; sequences leave and change slots)
+    """Seven requests through a 3-slot engine (four join later; sequences leave and change slots)
     give exactly the tokens each request gets alone."""
     model = tiny_model(tokenizer.vocab_size, family)
     engine = Engine(model, tokenizer, max_batch=3, stop_token_ids=[])

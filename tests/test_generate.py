@@ -21,6 +21,7 @@ from acornlm.infer.sampling import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    draw_tokens,
 )
 from acornlm.model import ModelConfig, Transformer
 from acornlm.tokenizer import train_tokenizer
@@ -181,6 +182,22 @@ def test_frequency_and_presence_penalties_follow_the_openai_formula():
     counts = torch.tensor([[2.0, 0.0, 1.0, 0.0]])
     out = apply_frequency_presence_penalty(logits, counts, frequency_penalty=0.5, presence_penalty=1.0)
     assert out.tolist() == [[1 - 1.0 - 1.0, 1.0, 1 - 0.5 - 1.0, 1.0]]
+
+
+def test_draw_tokens_follows_the_distribution_and_never_draws_a_zero():
+    """Inverse transform sampling: frequencies match the probabilities; a probability-0 token never
+    comes up, not even at the ends of [0, 1); rows are independent."""
+    probs = torch.tensor([[0.125, 0.0, 0.5, 0.375, 0.0], [0.0, 0.0, 0.0, 0.0, 2.0]])  # rows need not sum to 1
+    generator = torch.Generator().manual_seed(0)
+    uniforms = torch.rand(20000, dtype=torch.float64, generator=generator)
+    tokens = draw_tokens(probs[:1].expand(20000, -1), uniforms)
+    frequencies = torch.bincount(tokens, minlength=5).double() / 20000
+    assert torch.allclose(frequencies, probs[0].double(), atol=0.015)
+    edges = torch.tensor([0.0, 0.125 - 1e-12, 0.125, 1 - 2**-53], dtype=torch.float64)
+    assert draw_tokens(probs[:1].expand(4, -1), edges).tolist() == [0, 0, 2, 3]
+    assert draw_tokens(probs, torch.tensor([0.5, 0.0], dtype=torch.float64)).tolist() == [2, 4]
+    with pytest.raises(RuntimeError, match="nan"):
+        draw_tokens(torch.tensor([[0.5, float("nan")]]), torch.tensor([0.5], dtype=torch.float64))
 
 
 def test_temperature_and_top_k():

@@ -36,7 +36,7 @@ import torch
 
 from acornlm.errors import AcornError, ConfigError
 from acornlm.infer.generate import new_token_budget
-from acornlm.infer.sampling import SamplingParams, TokenSampler
+from acornlm.infer.sampling import SamplingParams, TokenSampler, sample_rows
 from acornlm.infer.streaming import StreamingDetokenizer
 from acornlm.model import Transformer
 from acornlm.model.ops import pack_for_inference
@@ -501,7 +501,7 @@ class Engine:
         self.decode_steps += 1
         for seq in rows:
             seq.length += 1
-        tokens = torch.cat([seq.sampler(logits[i:i + 1]) for i, seq in enumerate(rows)]).tolist()  # one sync
+        tokens = sample_rows(logits, [seq.sampler for seq in rows]).tolist()  # one sync
         finished = [i for i, (seq, token) in enumerate(zip(rows, tokens)) if not self._accept(seq, token, logits[i])]
         self._release(finished)
 

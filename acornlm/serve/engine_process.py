@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from acornlm.allocator import keep_freed_memory
 from acornlm.errors import AcornError, ConfigError
 from acornlm.infer.engine import Engine, EngineFull, EngineStopped, Event, check_prompt, make_sampler
 from acornlm.infer.sampling import SamplingParams
@@ -97,6 +98,7 @@ def _status(engine) -> _Status:
 def _engine_main(conn, settings: EngineSettings) -> None:
     """The engine process: load, say ready, then step while there is work and wait when there is none."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the server stops us
+    keep_freed_memory()  # as every acornlm command does (acornlm/allocator.py); a spawned process starts without it
     try:
         engine = settings.load()
     except Exception as exc:  # noqa: BLE001 - reported to the server process, which raises it
