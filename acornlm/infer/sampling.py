@@ -258,7 +258,8 @@ def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """
     cdf = probs.double().cumsum(dim=-1)
     total = cdf[:, -1:]
-    if not (torch.isfinite(total).all() and (total > 0).all()):
+    low, high = (bound.item() for bound in total.aminmax())  # a nan anywhere makes both nan
+    if not 0 < low <= high < math.inf:
         raise RuntimeError("probability tensor contains either inf, nan or no positive entry")
     return torch.searchsorted(cdf, uniforms[:, None].to(cdf.device) * total, right=True).squeeze(-1)
 
@@ -273,6 +274,8 @@ def sample_rows(logits: torch.Tensor, samplers: Sequence[TokenSampler]) -> torch
     own generator, so every row gets the token its sampler alone would give (tests/test_engine.py
     checks batched against unbatched generation). Other rows go through their sampler one by one.
     """
+    if len(samplers) == 1:
+        return samplers[0](logits)  # nothing to share
     tokens = torch.empty(len(samplers), dtype=torch.long, device=logits.device)
     greedy, sampled = [], []
     for row, sampler in enumerate(samplers):
