@@ -39,20 +39,30 @@ CORPUS = ["The king speaks to the queen near the river.", "A song at night, brea
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def write_checkpoint(root, context: int):
     """A random tiny model with a BPE tokenizer, written as a checkpoint directory."""
-    root = tmp_path_factory.mktemp("serve")
     tokenizer = train_tokenizer(CORPUS, "bpe", 300)
     tokenizer.save(root / "tokenizer")
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, initializer_range=0.3)
+                         max_position_embeddings=context, initializer_range=0.3)
     ckpt = root / "ckpt"
     ckpt.mkdir()
     write_model_files(ckpt, Transformer(config), {"step": 0}, tokenizer_dir=root / "tokenizer")
     return ckpt
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("serve"), context=256)
+
+
+@pytest.fixture(scope="module")
+def long_checkpoint(tmp_path_factory):
+    """The same tiny model with room for thousands of tokens: a stream that must still be running
+    when the test acts on it (~1 s at the tiny model's speed), however fast the machine."""
+    return write_checkpoint(tmp_path_factory.mktemp("serve-long"), context=4096)
 
 
 @pytest.fixture(scope="module")
@@ -421,9 +431,12 @@ def test_a_client_that_gives_up_on_a_non_streaming_request_frees_its_slot(server
 # --------------------------------------------------------------------------- the engine in its own process
 
 
+LONG = 3000  # tokens of a stream that must outlast the test's action on it
+
+
 @pytest.fixture(scope="module")
-def process_engine(checkpoint):
-    engine = EngineProcess(EngineSettings(str(checkpoint), device="cpu", max_batch=2, max_queue=2,
+def process_engine(long_checkpoint):
+    engine = EngineProcess(EngineSettings(str(long_checkpoint), device="cpu", max_batch=2, max_queue=2,
                                           threads=1)).start()
     yield engine
     engine.shutdown()
@@ -431,12 +444,13 @@ def process_engine(checkpoint):
 
 @pytest.fixture(scope="module")
 def process_server(process_engine):
-    with BackgroundServer(create_app(process_engine, MODEL)) as server:
+    with BackgroundServer(create_app(process_engine, MODEL, limits=ServerLimits(max_output_tokens=LONG))) as server:
         yield server
 
 
-def test_engine_process_serves_what_the_engine_generates(process_engine, process_server, engine):
+def test_engine_process_serves_what_the_engine_generates(process_engine, process_server, long_checkpoint):
     """4 streams through a 2-slot engine in its own process: each equals its unbatched generation."""
+    engine = load_engine(long_checkpoint, device="cpu")  # in this process, for the reference
     assert (process_engine.num_params, process_engine.context_length, process_engine.vocab_size) == (
         engine.num_params, engine.context_length, engine.vocab_size)
     client = openai.OpenAI(base_url=process_server.url + "/v1", api_key="none", max_retries=0, timeout=60)
@@ -467,12 +481,12 @@ def test_engine_process_checks_requests_before_sending_them(process_engine, proc
     with pytest.raises(openai.BadRequestError, match="64 bits"):
         client.completions.create(model=MODEL, prompt="the", max_tokens=2, seed=2**70)
     with pytest.raises(openai.BadRequestError, match="context"):
-        client.completions.create(model=MODEL, prompt="the king " * 300, max_tokens=2)
+        client.completions.create(model=MODEL, prompt="the king " * 3000, max_tokens=2)
     with pytest.raises(ConfigError, match="one sample"):
         process_engine.submit([1, 2], SamplingParams(num_samples=2), on_event=lambda event: None)
     # 2 running + 2 waiting fill the engine: the fifth sequence is refused at once (HTTP 429)
     events: list = []
-    handles = [process_engine.submit([1, 2, 3], SamplingParams(max_new_tokens=200), ignore_eos=True,
+    handles = [process_engine.submit([1, 2, 3], SamplingParams(max_new_tokens=LONG), ignore_eos=True,
                                      on_event=events.append) for _ in range(4)]
     with pytest.raises(openai.RateLimitError):
         client.completions.create(model=MODEL, prompt="the", max_tokens=2)
@@ -485,7 +499,7 @@ def test_engine_process_checks_requests_before_sending_them(process_engine, proc
 
 def test_engine_process_disconnected_stream_frees_its_slot(process_engine, process_server):
     aborted_before = process_engine.finished["abort"]
-    body = {"model": MODEL, "prompt": "the king", "max_tokens": 250, "stream": True, "ignore_eos": True}
+    body = {"model": MODEL, "prompt": "the king", "max_tokens": LONG, "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", process_server.url + "/v1/completions", json=body) as response:
             next(line for line in response.iter_lines() if line.startswith("data: "))
@@ -494,11 +508,11 @@ def test_engine_process_disconnected_stream_frees_its_slot(process_engine, proce
     assert process_engine.finished["abort"] == aborted_before + 1
 
 
-def test_engine_process_death_ends_streams_with_an_error_and_health_503(checkpoint):
-    engine = EngineProcess(EngineSettings(str(checkpoint), device="cpu", max_batch=1, threads=1)).start()
+def test_engine_process_death_ends_streams_with_an_error_and_health_503(long_checkpoint):
+    engine = EngineProcess(EngineSettings(str(long_checkpoint), device="cpu", max_batch=1, threads=1)).start()
     try:
-        with BackgroundServer(create_app(engine, MODEL)) as server:
-            body = {"model": MODEL, "prompt": "the", "max_tokens": 250, "stream": True, "ignore_eos": True}
+        with BackgroundServer(create_app(engine, MODEL, limits=ServerLimits(max_output_tokens=LONG))) as server:
+            body = {"model": MODEL, "prompt": "the", "max_tokens": LONG, "stream": True, "ignore_eos": True}
             with httpx.Client(timeout=30) as http:
                 with http.stream("POST", server.url + "/v1/completions", json=body) as response:
                     lines = response.iter_lines()
@@ -514,10 +528,11 @@ def test_engine_process_death_ends_streams_with_an_error_and_health_503(checkpoi
         engine.shutdown()
 
 
-def test_engine_process_shutdown_aborts_running_sequences_and_bad_checkpoints_fail_early(checkpoint, tmp_path):
-    engine = EngineProcess(EngineSettings(str(checkpoint), device="cpu", max_batch=1, threads=1)).start()
+def test_engine_process_shutdown_aborts_running_sequences_and_bad_checkpoints_fail_early(long_checkpoint,
+                                                                                           tmp_path):
+    engine = EngineProcess(EngineSettings(str(long_checkpoint), device="cpu", max_batch=1, threads=1)).start()
     events: list = []
-    engine.submit([1, 2, 3], SamplingParams(max_new_tokens=250), ignore_eos=True, on_event=events.append)
+    engine.submit([1, 2, 3], SamplingParams(max_new_tokens=LONG), ignore_eos=True, on_event=events.append)
     assert wait_until(lambda: len(events) > 0)
     engine.shutdown()
     assert events[-1].finish_reason == "abort" and sum(e.finished for e in events) == 1
