@@ -349,12 +349,15 @@ def test_serve_cli_checks_its_options(checkpoint):
         serve(ckpt=str(checkpoint), max_batch=0)
 
 
-def test_serve_command_end_to_end(checkpoint):
-    """The serve command in its own process: API key from the environment, one chat, shut down."""
+@pytest.mark.parametrize("engine_process", [True, False])
+def test_serve_command_end_to_end(checkpoint, engine_process):
+    """The serve command in its own process: API key from the environment, one chat, shut down;
+    with the engine in a process of its own (the default) and on a thread."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = f"from acornlm.cli.serve import serve; serve(ckpt={str(checkpoint)!r}, port={port}, threads=1, max_batch=2)"
+    code = (f"from acornlm.cli.serve import serve; serve(ckpt={str(checkpoint)!r}, port={port}, threads=1, "
+            f"max_batch=2, engine_process={engine_process})")
     env = {**os.environ, "ACORNLM_API_KEY": "from-env"}
     process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
