@@ -51,6 +51,7 @@ from common import environment, preset_config  # noqa: E402
 
 from acornlm.checkpoint import write_model_files  # noqa: E402
 from acornlm.model import Transformer  # noqa: E402
+from acornlm.serve.engine_process import EngineSettings  # noqa: E402
 from acornlm.tokenizer import train_tokenizer  # noqa: E402
 
 WORDS = ("the king queen castle river stone green light dark sword song night morning bread friend enemy "
@@ -80,15 +81,12 @@ def random_checkpoint(preset: str, out: Path) -> Path:
     return ckpt
 
 
-def serve_process(ckpt: str, port: int, max_batch: int, max_context: int, device: str, dtype: str,
-                  threads: int, variant: str) -> None:
-    """The server, as `acornlm serve` runs it (in a child process)."""
-    from acornlm.serve.engine_process import EngineProcess, EngineSettings
+def serve_process(settings, port: int, variant: str) -> None:
+    """The server, as `acornlm serve` runs it (in a child process); `settings` is an EngineSettings."""
+    from acornlm.serve.engine_process import EngineProcess
     from acornlm.serve.protocol import ServerLimits
     from acornlm.serve.server import run_server
 
-    settings = EngineSettings(ckpt, device=device, dtype=dtype, max_batch=max_batch, max_queue=4 * max_batch,
-                              max_context=max_context, threads=threads)
     engine = EngineProcess(settings) if variant == "process" else settings.load()
     run_server(engine, "bench", host="127.0.0.1", port=port, limits=ServerLimits(max_output_tokens=4096),
                log_level="warning")  # no access log: stdout carries the JSON
@@ -171,14 +169,10 @@ def engine_level(engine, prompt_ids: list[int], concurrency: int, max_tokens: in
     }
 
 
-def engine_levels(ckpt: str, args: argparse.Namespace, prompt: str) -> list[dict]:
+def engine_levels(settings, args: argparse.Namespace, prompt: str) -> list[dict]:
     from acornlm.data.chat import render_prompt
-    from acornlm.serve.server import load_engine
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    engine = load_engine(ckpt, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-                         max_context=args.max_context)
+    engine = settings.load()  # in this process, with the server's settings
     prompt_ids = render_prompt(engine.tokenizer, [{"role": "user", "content": prompt}])
     engine_level(engine, prompt_ids, 1, 4)  # warm-up
     levels = [engine_level(engine, prompt_ids, c, args.max_tokens) for c in args.concurrency]
@@ -225,14 +219,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.ckpt or str(random_checkpoint(args.preset, Path(tmp)))
+        settings = EngineSettings(ckpt, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
+                                  max_queue=4 * args.max_batch, max_context=args.max_context, threads=args.threads)
         servers = {}
         try:
             for variant in args.variants:
                 port = free_port()
                 # not a daemon: the "process" variant starts the engine's own process
                 server = multiprocessing.get_context("spawn").Process(
-                    target=serve_process, args=(ckpt, port, args.max_batch, args.max_context, args.device, args.dtype,
-                                                args.threads, variant))
+                    target=serve_process, args=(settings, port, variant))
                 server.start()
                 servers[variant] = (server, f"http://127.0.0.1:{port}")
             health = {variant: wait_for_server(url, server) for variant, (server, url) in servers.items()}
@@ -254,7 +249,7 @@ def main() -> None:
             levels = [median_round(rounds[variant][c]) for c in args.concurrency]
             add_speedups(levels)
             variants[variant] = levels
-        engine_only = engine_levels(ckpt, args, prompt)
+        engine_only = engine_levels(settings, args, prompt)
     result = {
         "benchmark": "serve_throughput",
         "model": {"checkpoint": args.ckpt or f"random {args.preset}",
