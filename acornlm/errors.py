@@ -20,3 +20,15 @@ class DataError(AcornError):
 
 class CheckpointError(AcornError):
     """A missing, corrupt or incompatible checkpoint; the message names the file."""
+
+
+class GenerationError(AcornError):
+    """Generation could not go on, e.g. the sampler's logits turned into nan/inf for a sequence."""
+
+
+class DiskFullError(CheckpointError):
+    """The disk filled up while a checkpoint was written; the message names the kept checkpoint.
+
+    Its own type (not just a CheckpointError) so callers and tests can tell "free space and
+    resume" apart from a corrupt or incompatible checkpoint.
+    """

@@ -5,10 +5,10 @@ import threading
 import pytest
 import torch
 
-from acornlm.errors import ConfigError
+from acornlm.errors import ConfigError, GenerationError
 from acornlm.infer.engine import Engine, EngineFull, Event, SlotKVCache
 from acornlm.infer.generate import generate_tokens
-from acornlm.infer.sampling import SamplingParams, TokenSampler, sample_rows
+from acornlm.infer.sampling import INVALID_TOKEN, SamplingParams, TokenSampler, sample_rows
 from acornlm.model import ModelConfig, Transformer
 from acornlm.tokenizer import train_tokenizer
 
@@ -99,8 +99,8 @@ def test_sample_rows_picks_what_each_sampler_picks_alone():
         assert torch.equal(sample_rows(logits, together), expected)
     broken = torch.zeros(2, 50)
     broken[1, 0] = float("nan")
-    with pytest.raises(RuntimeError, match="nan"):  # as torch.multinomial refuses it
-        sample_rows(broken, samplers()[1:3])
+    assert sample_rows(broken, samplers()[1:3])[1] == INVALID_TOKEN  # that row alone is marked failed
+    assert sample_rows(broken, samplers()[0:2])[1] == INVALID_TOKEN  # greedy rows too
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -384,3 +384,98 @@ def test_waiting_prompts_are_prefilled_together_in_one_forward_pass(tokenizer):
     model.forward = real_forward
     for prompt, collector in zip(prompts, collectors):  # padding changed nothing
         assert collector.tokens == list(generate_tokens(model, tokenizer.encode(prompt), greedy))
+
+
+def unchecked(**settings) -> SamplingParams:
+    """SamplingParams with values the API refuses, set after validation: the engine's own guard is tested."""
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=0)
+    for name, value in settings.items():
+        setattr(params, name, value)
+    return params
+
+
+OVERFLOWING = [  # each turns the sampler's logits into inf/nan
+    dict(frequency_penalty=1e39),
+    dict(presence_penalty=-1e39),
+    dict(repetition_penalty=1e-300),
+    dict(repetition_penalty=1e-300, temperature=0.0),
+    dict(presence_penalty=float("nan"), top_k=5),
+]
+
+
+def test_sampling_ranges_are_checked_and_a_tiny_temperature_is_greedy():
+    for bad in (dict(temperature=2.5), dict(temperature=-1), dict(frequency_penalty=1e39),
+                dict(presence_penalty=-2.01), dict(repetition_penalty=1e-300), dict(repetition_penalty=1e3),
+                dict(seed=2**64), dict(num_samples=10**6), dict(temperature=float("nan"))):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            SamplingParams(**bad)
+    assert SamplingParams(temperature=1e-50).greedy and not SamplingParams(temperature=1e-3).greedy
+    assert SamplingParams(seed=2**64 - 1, frequency_penalty=2, presence_penalty=-2, repetition_penalty=0.01)
+
+
+@pytest.mark.parametrize("settings", OVERFLOWING, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_a_sequence_whose_sampling_overflows_ends_alone_and_the_batch_goes_on(tokenizer, settings):
+    """The engine's own guard: a poisoned sequence ends with an error event, whether it joins
+    running streams (decode) or is prefilled together with others (admission); the others finish
+    exactly as if they had been alone, and every slot is free afterwards."""
+    model = tiny_model(tokenizer.vocab_size)
+    engine = Engine(model, tokenizer, max_batch=4, max_queue=2, stop_token_ids=[])
+    greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
+    sampled = SamplingParams(max_new_tokens=10, temperature=0.8, seed=3)
+    prompts = ["the king", "你好，世界！", "héllo wörld"]
+    good = [Collector() for _ in prompts]
+    engine.submit(tokenizer.encode(prompts[0]), greedy, on_event=good[0])
+    engine.step()  # the first stream is running; the rest are admitted together with the poisoned one
+    bad = Collector()
+    engine.submit(tokenizer.encode(prompts[1]), sampled, on_event=good[1])
+    engine.submit(tokenizer.encode("the queen the queen"), unchecked(**settings), on_event=bad)
+    engine.submit(tokenizer.encode(prompts[2]), greedy, on_event=good[2])
+    run_until_idle(engine)
+    assert bad.finish_reason == "error" and "nan/inf" in bad.events[-1].error
+    assert [e.finished for e in bad.events].count(True) == 1
+    for collector, prompt, params in zip(good, prompts, (greedy, sampled, greedy)):
+        assert collector.finish_reason == "length"
+        assert collector.tokens == list(generate_tokens(model, tokenizer.encode(prompt), params))
+    assert engine.num_running == engine.num_waiting == 0 and engine.finished == {"length": 3, "error": 1}
+    full = [Collector() for _ in range(engine.max_batch + engine.max_queue)]  # capacity is whole again
+    for collector in full:
+        engine.submit(tokenizer.encode("the"), greedy, on_event=collector)
+    with pytest.raises(EngineFull):
+        engine.submit(tokenizer.encode("the"), greedy, on_event=Collector())
+    run_until_idle(engine)
+    assert all(c.finish_reason == "length" for c in full)
+    with pytest.raises(GenerationError, match="nan/inf"):  # the Python API says so too
+        list(generate_tokens(model, tokenizer.encode("the queen"), unchecked(**settings)))
+
+
+def test_every_sequence_taken_off_the_queue_gets_a_final_event(tokenizer):
+    """Whatever fails during admission (here: one sampler raises, then the whole step raises),
+    each sequence taken off the queue hears how it ended, and the engine goes on serving."""
+    model = tiny_model(tokenizer.vocab_size)
+    engine = Engine(model, tokenizer, max_batch=4, stop_token_ids=[])
+    greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+    broken, fine = Collector(), Collector()
+    engine.submit(tokenizer.encode("the king"), greedy, on_event=broken)
+    engine.submit(tokenizer.encode("héllo"), greedy, on_event=fine)
+
+    def explode(logits):
+        raise RuntimeError("sampler bug")
+
+    engine._waiting[0].sampler = explode
+    run_until_idle(engine)
+    assert broken.finish_reason == "error" and "sampler bug" in broken.events[-1].error
+    assert fine.finish_reason == "length" and len(fine.tokens) == 4
+
+    collectors = [Collector() for _ in range(3)]
+    for collector in collectors:
+        engine.submit(tokenizer.encode("the queen"), greedy, on_event=collector)
+    engine._accept = lambda *args: (_ for _ in ()).throw(RuntimeError("step failed"))
+    engine.step_or_fail()  # admission raises after the prefill, at the first of three: none may be left unanswered
+    del engine._accept
+    assert [c.finish_reason for c in collectors] == ["error"] * 3
+    assert all("step failed" in c.events[-1].error for c in collectors)
+    assert engine.num_running == engine.num_waiting == 0
+    later = Collector()
+    engine.submit(tokenizer.encode("the"), greedy, on_event=later)
+    run_until_idle(engine)
+    assert later.finish_reason == "length"

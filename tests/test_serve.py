@@ -358,7 +358,7 @@ def test_serve_command_end_to_end(checkpoint, engine_process):
         port = s.getsockname()[1]
     code = (f"from acornlm.cli.serve import serve; serve(ckpt={str(checkpoint)!r}, port={port}, threads=1, "
             f"max_batch=2, engine_process={engine_process})")
-    env = {**os.environ, "ACORNLM_API_KEY": "from-env"}
+    env = {**os.environ, "ACORNLM_API_KEY": " from-env\n"}  # surrounding whitespace is stripped
     process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
@@ -408,7 +408,7 @@ def test_chat_cli_multi_turn_with_commands(checkpoint, monkeypatch, capsys):
                {"role": "user", "content": "the queen"}]
     second = lm.generate(chat_text(history, True), max_new_tokens=4, **greedy)
     assert f"assistant> {first}\n" in out and f"assistant> {second}\n" in out  # the second turn saw the first
-    assert "error: unknown setting 'bogus'" in out and "error: temperature must be >= 0" in out
+    assert "error: unknown setting 'bogus'" in out and "error: temperature must be a number in [0, 2]" in out
     assert "max_new_tokens: 4" in out and "(conversation cleared)" in out
     assert out.count("assistant> ") == 2 and "never read" not in out
 
@@ -481,7 +481,7 @@ def test_engine_process_serves_what_the_engine_generates(process_engine, process
 
 def test_engine_process_checks_requests_before_sending_them(process_engine, process_server):
     client = openai.OpenAI(base_url=process_server.url + "/v1", api_key="none", max_retries=0, timeout=60)
-    with pytest.raises(openai.BadRequestError, match="64 bits"):
+    with pytest.raises(openai.BadRequestError, match="seed must be"):
         client.completions.create(model=MODEL, prompt="the", max_tokens=2, seed=2**70)
     with pytest.raises(openai.BadRequestError, match="context"):
         client.completions.create(model=MODEL, prompt="the king " * 3000, max_tokens=2)
@@ -524,7 +524,9 @@ def test_engine_process_death_ends_streams_with_an_error_and_health_503(long_che
                     rest = list(lines)
             assert any('"code": "error"' in line and "engine process exited" in line for line in rest)
             assert not engine.alive
-            assert httpx.get(server.url + "/health").status_code == 503
+            health = httpx.get(server.url + "/health")
+            assert health.status_code == 503
+            assert health.json()["running"] == 0 and health.json()["waiting"] == 0  # not the dead engine's load
             reply = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "the"})
             assert reply.status_code == 503 and "Traceback" not in reply.text
     finally:
@@ -544,3 +546,287 @@ def test_engine_process_shutdown_aborts_running_sequences_and_bad_checkpoints_fa
         engine.submit([1, 2], SamplingParams(), on_event=events.append)
     with pytest.raises(ConfigError, match="no-such-checkpoint"):
         EngineProcess(EngineSettings(str(tmp_path / "no-such-checkpoint"), device="cpu"))
+
+
+# --------------------------------------------------------------------------- hardening (issue 16)
+
+
+def test_sampling_settings_out_of_range_get_400_and_a_tiny_temperature_is_greedy(client):
+    """The values that once made the sampler produce nan/inf are refused at the API, naming the field."""
+    for settings, param in ((dict(frequency_penalty=1e39), "frequency_penalty"),
+                            (dict(presence_penalty=-3), "presence_penalty"),
+                            (dict(temperature=2.5), "temperature"),
+                            (dict(extra_body={"repetition_penalty": 1e-300}), "repetition_penalty"),
+                            (dict(extra_body={"repetition_penalty": 1e9}), "repetition_penalty")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3, **settings)
+        assert caught.value.body["param"] == param and "[" in caught.value.body["message"]
+    tiny = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, temperature=1e-50)
+    greedy = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, temperature=0)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content
+
+
+def test_engine_process_guard_ends_only_the_overflowing_sequences_and_capacity_is_whole(process_engine):
+    """Values that bypass the API's checks (sent straight to the engine process) end their own
+    sequence with an error; the streams beside them finish, and no callback is left behind."""
+    events: dict[int, list] = {i: [] for i in range(4)}
+    normal = SamplingParams(max_new_tokens=40, temperature=0.0)
+    poisoned = SamplingParams(max_new_tokens=40, temperature=1.0, seed=0)
+    poisoned.frequency_penalty = 1e39  # set after validation, as a bug or a future caller might
+    process_engine.submit([1, 2, 3], normal, ignore_eos=True, on_event=events[0].append)
+    process_engine.submit([4, 5], poisoned, ignore_eos=True, on_event=events[1].append)
+    process_engine.submit([6, 7, 8], normal, ignore_eos=True, on_event=events[2].append)
+    bad_prefill = SamplingParams(max_new_tokens=40, temperature=0.0)
+    bad_prefill.repetition_penalty = 1e-300  # overflows on the first token, during admission
+    process_engine.submit([1, 2, 3, 4], bad_prefill, ignore_eos=True, on_event=events[3].append)
+    assert wait_until(lambda: all(e and e[-1].finished for e in events.values()))
+    assert [events[i][-1].finish_reason for i in range(4)] == ["length", "error", "length", "error"]
+    assert "nan/inf" in events[1][-1].error and "nan/inf" in events[3][-1].error
+    assert sum(e.token_id is not None for e in events[0]) == 40
+    assert wait_until(lambda: not process_engine._callbacks and process_engine.num_running == 0)
+
+
+def test_engine_process_answers_a_cancel_for_a_sequence_it_does_not_know(process_engine):
+    """A cancel that finds no sequence (finished, or lost) still gets a final event back, so the
+    server's callback of that id is released and cannot count against the queue for ever."""
+    events: list = []
+    with process_engine._lock:
+        process_engine._callbacks[10**9] = events.append  # a callback whose sequence never reached the engine
+    process_engine._send(("cancel", 10**9))
+    assert wait_until(lambda: events and events[-1].finished)
+    assert events[-1].finish_reason == "abort" and 10**9 not in process_engine._callbacks
+
+
+def raw_post(server, path: str, body: bytes, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(server.url + path, content=body, timeout=30,
+                      headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json",
+                               **(headers or {})})
+
+
+def test_hostile_json_gets_400_not_500(server):
+    """Lone surrogates, integers over Python's 4300-digit limit and deep nesting are client errors."""
+    chat = '{"model": "tiny", "messages": [{"role": "user", "content": %s}]}'
+    cases = {
+        "surrogate in content": (chat % '"hi \\ud800 there"').encode(),
+        "surrogate in a prompt": b'{"model": "tiny", "prompt": "\\udfff"}',
+        "surrogate in a key": b'{"model": "tiny", "prompt": "x", "\\ud800": 1}',
+        "huge integer": b'{"model": "tiny", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}",
+        "deep nesting": b'{"model": "tiny", "prompt": "x", "user": ' + b"[" * 9000 + b"]" * 9000 + b"}",
+    }
+    for name, body in cases.items():
+        path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+        response = raw_post(server, path, body)
+        assert response.status_code == 400, (name, response.text)
+        assert response.json()["error"]["code"] == "invalid_json" and "Traceback" not in response.text
+    emoji = raw_post(server, "/v1/completions", b'{"model": "tiny", "prompt": "\\ud83d\\ude00", "max_tokens": 2}')
+    assert emoji.status_code == 200  # a surrogate *pair* is an emoji, and fine
+
+
+def test_api_requires_json_content_type_and_sends_no_cors_by_default(server, engine):
+    body = json.dumps({"model": MODEL, "prompt": "the", "max_tokens": 2}).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", ""):
+        response = raw_post(server, "/v1/completions", body, {"Content-Type": content_type})
+        assert response.status_code == 415 and response.json()["error"]["code"] == "unsupported_media_type"
+    ok = raw_post(server, "/v1/completions", body, {"Content-Type": "application/json; charset=utf-8",
+                                                     "Origin": "https://evil.example"})
+    assert ok.status_code == 200 and not any(h.startswith("access-control") for h in ok.headers)
+    preflight = httpx.options(server.url + "/v1/completions", headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+    app = create_app(engine, MODEL, cors_origins=["https://my.app"])  # configured: that origin only
+    with BackgroundServer(app) as allowed:
+        preflight = httpx.options(allowed.url + "/v1/completions", headers={
+            "Origin": "https://my.app", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type"})
+        assert preflight.headers["access-control-allow-origin"] == "https://my.app"
+        other = httpx.options(allowed.url + "/v1/completions", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        assert other.headers.get("access-control-allow-origin") != "https://evil.example"
+
+
+def test_without_a_key_only_loopback_host_names_are_answered(process_server, engine):
+    """DNS rebinding: a hostile name resolving to 127.0.0.1 still sends its own name as Host."""
+    for host in ("evil.example", "evil.example:8000", "192.168.1.5"):
+        response = httpx.get(process_server.url + "/v1/models", headers={"Host": host})
+        assert response.status_code == 421 and "--allowed_hosts" in response.json()["error"]["message"]
+        assert httpx.get(process_server.url + "/", headers={"Host": host}).status_code == 421
+    for host in ("localhost", f"127.0.0.1:{process_server.port}", "[::1]:80", "LOCALHOST:1"):
+        assert httpx.get(process_server.url + "/v1/models", headers={"Host": host}).status_code == 200
+    with BackgroundServer(create_app(engine, MODEL, allowed_hosts=["my.box"])) as named:
+        assert httpx.get(named.url + "/v1/models", headers={"Host": "my.box:8000"}).status_code == 200
+        assert httpx.get(named.url + "/v1/models", headers={"Host": "evil.example"}).status_code == 421
+    with BackgroundServer(create_app(engine, MODEL, api_key="k")) as keyed:  # a key guards it instead
+        assert httpx.get(keyed.url + "/v1/models", headers={"Host": "my.box", "Authorization": "Bearer k"}
+                         ).status_code == 200
+
+
+def test_security_headers_and_a_protected_openapi_document(server, process_server):
+    for url in (server.url + "/", server.url + "/static/chat.js", server.url + "/health",
+                server.url + "/v1/models"):
+        headers = httpx.get(url).headers
+        assert "frame-ancestors 'none'" in headers["content-security-policy"]
+        assert "script-src 'self'" in headers["content-security-policy"]
+        assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+    assert httpx.get(server.url + "/openapi.json").status_code == 401
+    schema = httpx.get(server.url + "/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert schema.status_code == 200 and "/v1/chat/completions" in schema.json()["paths"]
+    assert httpx.get(process_server.url + "/openapi.json").status_code == 200  # no key: public as before
+
+
+def test_api_keys_are_stripped_or_refused_and_read_from_a_file(engine, tmp_path):
+    from acornlm.cli.serve import read_api_key_file
+    from acornlm.serve.app import clean_api_key
+
+    assert clean_api_key("  secret-key\n") == "secret-key"
+    for bad in ("", "   ", "two words", "tab\there", "ключ"):
+        with pytest.raises(ConfigError, match="API key"):
+            clean_api_key(bad)
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    assert clean_api_key(read_api_key_file(str(key_file))) == "from-file"
+    for path, problem in ((tmp_path / "missing", "cannot read"), (tmp_path, "cannot read")):
+        with pytest.raises(ConfigError, match=problem):
+            read_api_key_file(str(path))
+    with BackgroundServer(create_app(engine, MODEL, api_key=" padded \n")) as padded:
+        ok = httpx.get(padded.url + "/v1/models", headers={"Authorization": "Bearer padded"})
+        assert ok.status_code == 200
+
+
+def test_an_obviously_too_long_prompt_is_refused_before_tokenizing_and_tokenizing_is_off_the_loop(
+        checkpoint, monkeypatch):
+    engine = load_engine(checkpoint, device="cpu", max_batch=1).start()
+    calls: list[str] = []
+    real_encode = engine.tokenizer.encode
+
+    def encode(text, *args, **kwargs):
+        calls.append(threading.current_thread().name)
+        return real_encode(text, *args, **kwargs)
+
+    def render_prompt(tokenizer, messages):
+        calls.append(threading.current_thread().name)
+        return real_render(tokenizer, messages)
+
+    real_render = __import__("acornlm.serve.app").serve.app.render_prompt
+    monkeypatch.setattr(engine.tokenizer, "encode", encode)
+    monkeypatch.setattr("acornlm.serve.app.render_prompt", render_prompt)
+    try:
+        with BackgroundServer(create_app(engine, MODEL)) as server:
+            http = httpx.Client(base_url=server.url, timeout=30)
+            huge = "the king " * 100_000  # 900 KB: far beyond 256 tokens whatever the tokenizer does
+            for path, body in (("/v1/completions", {"prompt": huge}),
+                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": huge}]})):
+                response = http.post(path, json={"model": MODEL, "max_tokens": 2, **body})
+                assert response.status_code == 400
+                assert response.json()["error"]["code"] == "context_length_exceeded"
+            assert calls == []  # refused without tokenizing
+            assert http.post("/v1/completions", json={"model": MODEL, "prompt": "the", "max_tokens": 2}
+                             ).status_code == 200
+            assert http.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 2}
+                             ).status_code == 200
+            assert len(calls) == 2 and "acornlm-uvicorn" not in calls  # on worker threads, not the loop's
+    finally:
+        engine.shutdown()
+
+
+def test_slow_clients_are_cut_off(engine):
+    """Slowloris: a connection that never finishes its headers, or its body, is closed or answered 408."""
+    from acornlm.serve.server import ConnectionLimits
+
+    connections = ConnectionLimits(header_timeout_s=0.5, shutdown_timeout_s=1)
+    limits = ServerLimits(body_timeout_s=0.5)
+    with BackgroundServer(create_app(engine, MODEL, limits=limits), connections=connections) as server:
+        assert server._server.config.limit_concurrency == connections.max_connections
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as idle:
+            started = time.monotonic()
+            assert idle.recv(100) == b""  # closed by the server, never sent a byte
+            assert time.monotonic() - started < 5
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+            slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\n")  # headers unfinished
+            time.sleep(0.2)
+            slow.sendall(b"X-B: 2\r\n")
+            assert slow.recv(100) == b""
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as trickle:
+            trickle.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+                            b"\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
+            reply = b""
+            while b"request_timeout" not in reply and (chunk := trickle.recv(1000)):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as kept:  # keep-alive, then idle
+            kept.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert kept.recv(1000).startswith(b"HTTP/1.1 200")
+            kept.sendall(b"GET /health HTTP/1.1\r\n")
+            deadline = time.monotonic() + 5
+            while kept.recv(1000) and time.monotonic() < deadline:
+                pass
+            assert time.monotonic() < deadline
+
+
+def test_a_second_sigterm_stops_the_server_at_once():
+    from acornlm.serve.server import AcornServer
+
+    server = AcornServer(__import__("uvicorn").Config(lambda scope, receive, send: None))
+    server.handle_exit(signal.SIGTERM, None)
+    assert server.should_exit and not server.force_exit
+    server.handle_exit(signal.SIGTERM, None)
+    assert server.force_exit
+
+
+def start_serve_command(checkpoint, tmp_path, **options) -> tuple[subprocess.Popen, str]:
+    """`acornlm serve` (its Python function) in a child process; waits until /health answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    arguments = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    code = (f"from acornlm.cli.serve import serve; serve(ckpt={str(checkpoint)!r}, port={port}, threads=1, "
+            f"engine_process=False, {arguments})")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    assert wait_until(lambda: up() or process.poll() is not None, seconds=60) and process.poll() is None
+    return process, url
+
+
+def hold_a_request_open(url: str) -> socket.socket:
+    """A client that sends headers and half a body, then nothing: its request never completes."""
+    port = int(url.rsplit(":", 1)[1])
+    stuck = socket.create_connection(("127.0.0.1", port))
+    stuck.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer from-file\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+    time.sleep(0.3)
+    return stuck
+
+
+def test_serve_shutdown_has_a_timeout_and_a_second_sigterm_stops_at_once(checkpoint, tmp_path):
+    """A client that never finishes its request cannot keep the server alive after SIGTERM."""
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    process, url = start_serve_command(checkpoint, tmp_path, api_key_file=str(key_file), shutdown_timeout=1.0,
+                                       body_timeout=120.0)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="from-file", max_retries=0)
+    assert client.models.list().data[0].id == checkpoint.name  # the key from the file works
+    stuck = hold_a_request_open(url)
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=30)
+    assert time.monotonic() - started < 10  # 1 s of grace, not the 120 s body timeout
+    stuck.close()
+
+    process, url = start_serve_command(checkpoint, tmp_path, api_key_file=str(key_file), shutdown_timeout=120.0,
+                                       body_timeout=120.0)
+    stuck = hold_a_request_open(url)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert process.poll() is None  # the first signal waits for the open request...
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)  # ...and the second does not
+    process.communicate(timeout=30)
+    assert time.monotonic() - started < 10
+    stuck.close()

@@ -81,6 +81,9 @@ def test_chat_page_streams_replies_and_obeys_settings_and_stop(page, server, tmp
     page.fill("#api-key", API_KEY)
     page.dispatch_event("#api-key", "change")
     page.wait_for_function(f"document.getElementById('model-name').textContent === '{MODEL}'")
+    # The key stays in this tab only (sessionStorage), never in localStorage, which outlives it.
+    assert page.evaluate("sessionStorage.getItem('acornlm.api-key')") == API_KEY
+    assert page.evaluate("localStorage.getItem('acornlm.api-key')") is None
 
     # Change settings, send a message, watch the reply stream in.
     page.fill("#system-prompt", "Be brief.")

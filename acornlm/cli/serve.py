@@ -16,6 +16,9 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
+    api_key_file: str | None = None,
+    allowed_hosts: list[str] | None = None,
+    cors_origins: list[str] | None = None,
     max_batch: int = 16,
     max_queue: int | None = None,
     max_context: int = 2048,
@@ -29,6 +32,10 @@ def serve(
     max_position_embeddings: int | None = None,
     threads: int = 0,
     engine_process: bool = True,
+    max_connections: int = 256,
+    header_timeout: float = 10.0,
+    body_timeout: float = 30.0,
+    shutdown_timeout: float = 10.0,
 ) -> None:
     """Serve a checkpoint over HTTP with the OpenAI API and a chat page at http://HOST:PORT/.
 
@@ -40,7 +47,14 @@ def serve(
         ckpt: Checkpoint directory, or a run directory (its latest checkpoint is used).
         host: Address to listen on; 127.0.0.1 (this machine only) unless you mean to expose it.
         port: TCP port to listen on.
-        api_key: Require "Authorization: Bearer KEY" on every /v1 route (default: $ACORNLM_API_KEY, else none).
+        api_key: Require "Authorization: Bearer KEY" on every /v1 route and /openapi.json. Other users of
+            the machine can read it in `ps`: prefer --api_key_file or $ACORNLM_API_KEY.
+        api_key_file: Read the API key from this file (surrounding whitespace is stripped).
+        allowed_hosts: Host names the server answers for, besides loopback ones ('["*"]' = any). Default:
+            any with an API key; without one, loopback only (and --host if it is a specific address),
+            so a web page cannot drive the server through DNS rebinding.
+        cors_origins: Web origins whose pages may call the API from a browser, e.g. '["https://my.app"]';
+            default none (no CORS headers are sent).
         max_batch: Most sequences decoded together (each takes a KV cache slot of --max_context positions).
         max_queue: Most sequences waiting for a slot (default: 4 x max_batch).
         max_context: Most tokens per conversation, prompt and reply together, capped at the model's context;
@@ -60,6 +74,11 @@ def serve(
         engine_process: Run the model in a process of its own (default), so that it and the HTTP
             server do not take turns on one Python interpreter lock; false keeps it on a thread of
             the server process (one process to debug or profile).
+        max_connections: Most open connections and requests; beyond it new requests get HTTP 503.
+        header_timeout: Seconds a connection has to send a request's headers; then it is closed.
+        body_timeout: Seconds a client has to send a request's body (HTTP 408 beyond).
+        shutdown_timeout: On SIGTERM or Ctrl-C, seconds running requests get to finish; a second
+            signal stops at once.
     """
     if ckpt is None:
         raise ConfigError("--ckpt is required: a checkpoint directory or a run directory")
@@ -68,9 +87,10 @@ def serve(
         import uvicorn  # noqa: F401
     except ImportError as exc:
         raise ConfigError(f"serving needs the serve extra ({exc.name} is missing): pip install 'acornlm[serve]'") from exc
+    from acornlm.serve.app import clean_api_key
     from acornlm.serve.engine_process import EngineProcess, EngineSettings
     from acornlm.serve.protocol import ServerLimits
-    from acornlm.serve.server import run_server
+    from acornlm.serve.server import ConnectionLimits, run_server
 
     for name, value in (("max_tokens", max_tokens), ("max_body_bytes", max_body_bytes)):
         if value < 1:
@@ -79,15 +99,36 @@ def serve(
         raise ConfigError(f"--threads must be >= 0 (0 = PyTorch's default), got {threads}")
     if max_context < 0:
         raise ConfigError(f"--max_context must be >= 0 (0 = the model's context), got {max_context}")
-    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    if body_timeout <= 0:
+        raise ConfigError(f"--body_timeout must be > 0, got {body_timeout}")
+    connections = ConnectionLimits(max_connections=max_connections, header_timeout_s=header_timeout,
+                                   shutdown_timeout_s=shutdown_timeout)
+    api_key = clean_api_key(api_key or read_api_key_file(api_key_file) or os.environ.get(API_KEY_ENV) or None)
     settings = EngineSettings(str(ckpt), device=device, dtype=dtype, max_batch=max_batch, max_queue=max_queue,
                               max_context=max_context or None, quantize=quantize, rope_scaling=rope_scaling,
                               max_position_embeddings=max_position_embeddings, threads=threads)
     engine = EngineProcess(settings) if engine_process else settings.load()
     name = model_name or Path(ckpt).resolve().name
-    limits = ServerLimits(max_output_tokens=max_tokens, max_body_bytes=max_body_bytes)
+    limits = ServerLimits(max_output_tokens=max_tokens, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout)
     url = f"http://{host}:{port}"
     print(f"serving {name}: {engine.num_params / 1e6:.1f}M parameters, context {engine.context_length} "
           f"tokens, KV cache {engine.kv_cache_bytes / 2**20:.0f} MiB for {engine.max_batch} sequences", flush=True)
     print(f"chat page {url}/  OpenAI API {url}/v1" + ("  (API key required)" if api_key else ""), flush=True)
-    run_server(engine, name, host=host, port=port, api_key=api_key, limits=limits)
+    run_server(engine, name, host=host, port=port, api_key=api_key, limits=limits, allowed_hosts=allowed_hosts,
+               cors_origins=cors_origins or (), connections=connections)
+
+
+def read_api_key_file(path: str | None) -> str | None:
+    """The key in `path` (None for no path); ConfigError naming the file when it cannot be read."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as file:
+            key = file.read(4097)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--api_key_file {path}: cannot read it ({exc})") from exc
+    if len(key) > 4096:
+        raise ConfigError(f"--api_key_file {path}: over 4096 characters; it should hold just the key")
+    if not key.strip():
+        raise ConfigError(f"--api_key_file {path}: the file is empty")
+    return key

@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from acornlm.checkpoint import write_model_files
+from acornlm.checkpoint import read_json_config, write_model_files
 from acornlm.errors import AcornError, CheckpointError, ConfigError
 from acornlm.export.hf import (
     CHAT_TEMPLATE_FILE,
@@ -84,20 +84,10 @@ EXTRA_TOKENIZER_FILES = (CHAT_TEMPLATE_FILE, "special_tokens_map.json")
 # ---------------------------------------------------------------------------------------------
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
-    file = model_dir / "config.json"
+    """config.json of a Hugging Face folder, read by the same bounded reader as acornlm checkpoints."""
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir} is not a directory; pass a local Hugging Face model folder")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{file} is missing: {model_dir} is not a Hugging Face model folder") from exc
-    except UnicodeDecodeError as exc:
-        raise CheckpointError(f"{file} is not UTF-8 text (byte offset {exc.start})") from exc
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{file} is corrupt: line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file} is not a JSON object")
-    return data
+    return read_json_config(model_dir / "config.json", f": {model_dir} is not a Hugging Face model folder")
 
 
 def architecture_of(hf: dict[str, Any], file: Path) -> str:

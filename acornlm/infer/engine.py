@@ -36,7 +36,14 @@ import torch
 
 from acornlm.errors import AcornError, ConfigError
 from acornlm.infer.generate import new_token_budget
-from acornlm.infer.sampling import SamplingParams, TokenSampler, sample_rows
+from acornlm.infer.sampling import (
+    INVALID_TOKEN,
+    SamplingParams,
+    TokenSampler,
+    numerical_failure,
+    offset_seed,
+    sample_rows,
+)
 from acornlm.infer.streaming import StreamingDetokenizer
 from acornlm.model import Transformer
 from acornlm.model.ops import pack_for_inference
@@ -121,6 +128,7 @@ class _Sequence:
     length: int = 0  # tokens in its KV cache slot
     last_token: int = 0  # the token to feed at the next decode step
     cancelled: bool = False
+    done: bool = False  # its final event was sent; nothing more is
 
 
 class SlotKVCache:
@@ -271,6 +279,7 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._admitting: list[_Sequence] = []  # taken off the queue this step, not all in _rows yet
 
     # ------------------------------------------------------------------ public interface
 
@@ -402,14 +411,20 @@ class Engine:
             self._fail_all(f"{type(exc).__name__}: {exc}")
 
     def _fail_all(self, message: str) -> None:
-        """End every running sequence with an error event (e.g. out of memory in a forward pass)."""
+        """End every running sequence, and every one taken off the queue in this step, with an error
+        event (e.g. out of memory in a forward pass): no sequence is left without its final event."""
         rows, self._rows = self._rows, []
-        for seq in rows:
+        admitting, self._admitting = self._admitting, []
+        for seq in rows + [s for s in admitting if s not in rows]:
             self._emit(seq, Event(finish_reason="error", error=message, prompt_tokens=len(seq.prompt_ids),
                                   completion_tokens=seq.generated))
 
     def _emit(self, seq: _Sequence, event: Event) -> None:
+        """Hand one event to the sequence's consumer; nothing after its final event."""
+        if seq.done:
+            return
         if event.finished:
+            seq.done = True
             self.finished[event.finish_reason] += 1
         try:
             seq.on_event(event)
@@ -432,6 +447,7 @@ class Engine:
         group = self._take_waiting()
         if not group:
             return False
+        self._admitting = group  # if anything below raises, step_or_fail answers every one of them
         try:
             logits = self._prefill(group, first_slot=len(self._rows))
             prefilled = list(zip(group, logits))
@@ -441,10 +457,17 @@ class Engine:
         for seq, row_logits in prefilled:
             seq.length = len(seq.prompt_ids)
             self._rows.append(seq)
-            token = seq.sampler(row_logits[None])
-            if not self._accept(seq, int(token.item()), row_logits):
+            try:
+                token = int(seq.sampler(row_logits[None]).item())
+            except Exception as exc:  # noqa: BLE001 - one sequence's sampler fails: only it ends
+                self._emit(seq, Event(finish_reason="error", error=f"{type(exc).__name__}: {exc}",
+                                      prompt_tokens=len(seq.prompt_ids)))
+                finished.append(len(self._rows) - 1)
+                continue
+            if not self._accept(seq, token, row_logits):
                 finished.append(len(self._rows) - 1)
         self._release(finished)
+        self._admitting = []
         return True
 
     def _take_waiting(self) -> list[_Sequence]:
@@ -507,6 +530,10 @@ class Engine:
 
     def _accept(self, seq: _Sequence, token: int, logits: torch.Tensor) -> bool:
         """Record one sampled token: emit its text, or finish the sequence. Returns False when finished."""
+        if token == INVALID_TOKEN:  # its logits turned into nan/inf: this sequence ends, the batch goes on
+            self._emit(seq, Event(finish_reason="error", error=numerical_failure(seq.params),
+                                  prompt_tokens=len(seq.prompt_ids), completion_tokens=seq.generated))
+            return False
         seq.generated += 1
         usage = dict(prompt_tokens=len(seq.prompt_ids), completion_tokens=seq.generated)
         if (token in self.stop_token_ids and not seq.ignore_eos) or token in seq.params.stop_token_ids:
@@ -569,5 +596,4 @@ def make_sampler(params: SamplingParams, prompt_ids: Sequence[int], vocab_size: 
 
 def sampling_for_request(params: SamplingParams, index: int) -> SamplingParams:
     """The params of sample `index` of an n-sample request: seed + index, so samples differ yet reproduce."""
-    seed = None if params.seed is None else params.seed + index
-    return replace(params, num_samples=1, seed=seed)
+    return replace(params, num_samples=1, seed=offset_seed(params.seed, index))

@@ -20,8 +20,8 @@ from dataclasses import replace
 
 import torch
 
-from acornlm.errors import ConfigError
-from acornlm.infer.sampling import SamplingParams, TokenSampler
+from acornlm.errors import ConfigError, GenerationError
+from acornlm.infer.sampling import INVALID_TOKEN, SamplingParams, TokenSampler, numerical_failure
 from acornlm.model import Transformer
 
 
@@ -76,6 +76,8 @@ def generate_batch(model: Transformer, prompt_ids: Sequence[int], params: Sampli
         next_tokens = sampler(logits)  # [batch], still on the device
         step_tokens: list[int | None] = next_tokens.tolist()  # the one sync per step
         for row, token in enumerate(step_tokens):
+            if token == INVALID_TOKEN and not finished[row]:
+                raise GenerationError(numerical_failure(params))
             if finished[row] or token in stop_ids:
                 finished[row] = True
                 step_tokens[row] = None

@@ -19,6 +19,18 @@ import torch
 
 from acornlm.errors import ConfigError
 
+# The accepted ranges, as in OpenAI's API (temperature [0, 2], penalties [-2, 2]). Outside them the
+# sampler's arithmetic overflows: a frequency penalty of 1e39 or a temperature of 1e-50 turns the
+# logits into inf/nan. The engine also guards each sequence on its own (see Engine), but the API
+# answers a clear error first.
+TEMPERATURE_RANGE = (0.0, 2.0)
+GREEDY_BELOW = 1e-5  # a temperature this small is argmax in practice, and dividing by it overflows
+PENALTY_RANGE = (-2.0, 2.0)  # frequency_penalty and presence_penalty
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+MAX_NUM_SAMPLES = 256
+INVALID_TOKEN = -1  # what a sampler returns for a row whose logits turned into nan/inf (see draw_tokens)
+
 
 @dataclass
 class SamplingParams:
@@ -26,18 +38,20 @@ class SamplingParams:
 
     Args:
         max_new_tokens: Most tokens to generate (fewer if a stop condition or the context limit comes first).
-        temperature: Divides the logits; below 1 is more conservative, above 1 more random; 0 = greedy (argmax).
+        temperature: Divides the logits, in [0, 2]; below 1 is more conservative, above 1 more random;
+            0 (or below 1e-5) = greedy (argmax).
         top_k: Sample only among the k most likely tokens; 0 = no limit.
         top_p: Nucleus sampling: sample among the smallest set of tokens whose probabilities sum to >= top_p; 1 = off.
         min_p: Drop tokens whose probability is below min_p x the top token's probability; 0 = off.
-        repetition_penalty: CTRL-style penalty (> 1 discourages) on every token already in the prompt or output.
-        frequency_penalty: OpenAI-style: subtract frequency_penalty x (times the token was generated) from its logit.
-        presence_penalty: OpenAI-style: subtract presence_penalty from the logit of every token generated at least once.
+        repetition_penalty: CTRL-style penalty (> 1 discourages), in [0.01, 100], on every token already in the
+            prompt or output.
+        frequency_penalty: OpenAI-style, in [-2, 2]: subtract frequency_penalty x (times the token was generated) from its logit.
+        presence_penalty: OpenAI-style, in [-2, 2]: subtract presence_penalty from the logit of every token generated at least once.
         stop: Strings that end the generation; the text returned stops before the first one.
         stop_token_ids: Token ids that end the generation (in addition to the end-of-text token); never returned.
         seed: Seed of this request's random generator; the same seed, prompt and settings reproduce the output.
             None = a fresh random seed.
-        num_samples: Independent continuations of the prompt, decoded together as one batch.
+        num_samples: Independent continuations of the prompt (at most 256), decoded together as one batch.
     """
 
     max_new_tokens: int = 256
@@ -70,27 +84,28 @@ class SamplingParams:
 
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not is_number(self.temperature) or self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        def check_range(name: str, low: float, high: float, what: str) -> None:
+            value = getattr(self, name)
+            if not is_number(value) or not low <= value <= high:
+                raise ConfigError(f"{name} must be a number in [{low:g}, {high:g}] ({what}), got {value!r}")
+
+        check_range("temperature", *TEMPERATURE_RANGE, "0 = greedy")
         if not is_int(self.top_k) or self.top_k < 0:
             raise ConfigError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
-        if not is_number(self.min_p) or not 0 <= self.min_p <= 1:
-            raise ConfigError(f"min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
-        if not is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if not is_number(getattr(self, name)):
-                raise ConfigError(f"{name} must be a finite number (0 = off), got {getattr(self, name)!r}")
+        check_range("min_p", 0.0, 1.0, "0 = off")
+        check_range("repetition_penalty", *REPETITION_PENALTY_RANGE, "1 = off, > 1 discourages repeats")
+        check_range("frequency_penalty", *PENALTY_RANGE, "0 = off")
+        check_range("presence_penalty", *PENALTY_RANGE, "0 = off")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
+        if not all(is_int(t) and 0 <= t < 2**31 for t in self.stop_token_ids):
             raise ConfigError(f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}")
-        if self.seed is not None and not is_int(self.seed):
-            raise ConfigError(f"seed must be an integer or None, got {self.seed!r}")
-        if not is_int(self.num_samples) or self.num_samples < 1:
-            raise ConfigError(f"num_samples must be a positive integer, got {self.num_samples!r}")
+        if self.seed is not None and not (is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise ConfigError(f"seed must be an integer in [-2**63, 2**64 - 1] or None, got {self.seed!r}")
+        if not is_int(self.num_samples) or not 1 <= self.num_samples <= MAX_NUM_SAMPLES:
+            raise ConfigError(f"num_samples must be an integer in [1, {MAX_NUM_SAMPLES}], got {self.num_samples!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> SamplingParams:
@@ -103,7 +118,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperature 0, or so close to 0 that sampling would be argmax anyway (and 1/T would overflow)."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def uses_repetition_penalty(self) -> bool:
@@ -179,6 +195,14 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
+def offset_seed(seed: int | None, offset: int) -> int | None:
+    """seed + offset (the seed of sample or turn `offset`), wrapped to stay in SEED_RANGE."""
+    if seed is None:
+        return None
+    shifted = seed + offset
+    return shifted - 2**64 if shifted > SEED_RANGE[1] else shifted
+
+
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
     """A random generator for one request, so a seed reproduces its output without touching global RNG."""
     generator = torch.Generator(device=device)
@@ -220,7 +244,7 @@ class TokenSampler:
         if self.counts is not None:
             logits = apply_frequency_presence_penalty(logits, self.counts, p.frequency_penalty, p.presence_penalty)
         if p.greedy:
-            tokens = logits.argmax(dim=-1)
+            tokens = greedy_tokens(logits)
         else:
             logits = apply_temperature(logits, p.temperature)
             logits = apply_top_k(logits, p.top_k)
@@ -240,11 +264,13 @@ class TokenSampler:
                 and (p.greedy or (p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0)))
 
     def observe(self, tokens: torch.Tensor) -> None:
-        """Add the tokens just generated [batch] to the penalty state."""
+        """Add the tokens just generated [batch] to the penalty state (an INVALID_TOKEN row adds nothing)."""
+        valid = (tokens != INVALID_TOKEN)[:, None]
+        index = tokens.clamp(min=0)[:, None]
         if self.seen is not None:
-            self.seen.scatter_(1, tokens[:, None], True)
+            self.seen.scatter_(1, index, valid | self.seen.gather(1, index))
         if self.counts is not None:
-            self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=self.counts.dtype))
+            self.counts.scatter_add_(1, index, valid.to(self.counts.dtype))
 
 
 def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -255,13 +281,28 @@ def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     (~110 us for 6,400 tokens), where this needs one uniform number per row and a running sum. The
     sum is in float64, so even 100,000 terms stay within ~1e-11 of exact. A token of probability 0 is
     never drawn: its cumulative value equals its predecessor's, so no u falls on it.
+
+    A row whose probabilities hold a nan or inf, or no positive entry, gets INVALID_TOKEN: the
+    caller ends that sequence alone, and the other rows of the batch go on.
     """
     cdf = probs.double().cumsum(dim=-1)
     total = cdf[:, -1:]
-    low, high = (bound.item() for bound in total.aminmax())  # a nan anywhere makes both nan
-    if not 0 < low <= high < math.inf:
-        raise RuntimeError("probability tensor contains either inf, nan or no positive entry")
-    return torch.searchsorted(cdf, uniforms[:, None] * total, right=True).squeeze(-1)
+    tokens = torch.searchsorted(cdf, uniforms[:, None] * total, right=True).squeeze(-1)
+    valid = (total[:, 0] > 0) & (total[:, 0] < math.inf)  # false for nan too
+    return tokens.masked_fill(~valid, INVALID_TOKEN)
+
+
+def numerical_failure(params: SamplingParams) -> str:
+    """The message of a sequence whose logits turned into nan/inf (its sampler gave INVALID_TOKEN)."""
+    return (f"sampling failed: the logits turned into nan/inf (temperature={params.temperature:g}, "
+            f"repetition_penalty={params.repetition_penalty:g}, frequency_penalty={params.frequency_penalty:g}, "
+            f"presence_penalty={params.presence_penalty:g}); use settings within the documented ranges")
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """argmax of each row of logits [rows, vocab]; INVALID_TOKEN for a row whose largest logit is
+    nan (amax propagates it), +inf or -inf (every token masked): no token can be chosen there."""
+    return logits.argmax(dim=-1).masked_fill(~torch.isfinite(logits.amax(dim=-1)), INVALID_TOKEN)
 
 
 def sample_rows(logits: torch.Tensor, samplers: Sequence[TokenSampler]) -> torch.Tensor:
@@ -284,7 +325,7 @@ def sample_rows(logits: torch.Tensor, samplers: Sequence[TokenSampler]) -> torch
         else:
             (greedy if sampler.params.greedy else sampled).append(row)
     if greedy:
-        tokens[greedy] = logits[greedy].float().argmax(dim=-1)
+        tokens[greedy] = greedy_tokens(logits[greedy].float())
     if sampled:
         temperatures = torch.tensor([samplers[row].params.temperature for row in sampled],
                                     dtype=torch.float32, device=logits.device)

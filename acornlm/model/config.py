@@ -9,11 +9,25 @@ Llama / Qwen3 / MiniMind family is `norm=rmsnorm, mlp=swiglu, position=rope`, wi
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from acornlm.errors import ConfigError
 from acornlm.model.rope import normalize_rope_scaling
+
+# Sanity bounds, far above any real model (Llama 3.1 405B: hidden 16384, 126 layers; the longest
+# contexts ~1M tokens; the largest vocabularies ~262k). They exist because a config.json is input:
+# RoPE tables, masks and the model itself are sized from these numbers before any weight is read,
+# so 10**12 positions would ask for terabytes and a million layers would never finish building.
+MAX_WIDTH = 2**20          # vocab_size, hidden_size, intermediate sizes, head_dim
+MAX_POSITIONS = 2**20      # max_position_embeddings (RoPE cos/sin tables hold positions x head_dim)
+MAX_COUNT = 1024           # num_hidden_layers, heads, experts (each one is a module to build)
+SIZE_BOUNDS = {"vocab_size": MAX_WIDTH, "hidden_size": MAX_WIDTH, "intermediate_size": MAX_WIDTH,
+               "head_dim": MAX_WIDTH, "moe_intermediate_size": MAX_WIDTH,
+               "shared_expert_intermediate_size": MAX_WIDTH, "max_position_embeddings": MAX_POSITIONS,
+               "num_hidden_layers": MAX_COUNT, "num_attention_heads": MAX_COUNT,
+               "num_key_value_heads": MAX_COUNT, "num_experts": MAX_COUNT}
 
 
 @dataclass
@@ -101,13 +115,14 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Reject shapes that cannot work, with the reason, before any tensor is allocated."""
-        if not isinstance(self.vocab_size, int) or self.vocab_size < 0:
+        if not is_int(self.vocab_size) or self.vocab_size < 0:
             raise ConfigError(f"model.vocab_size must be >= 0 (0 = the tokenizer's size), got {self.vocab_size!r}")
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        self.validate_bounds()
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "
@@ -122,8 +137,6 @@ class ModelConfig:
             )
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"RoPE needs an even head_dim, got model.head_dim={self.head_dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
         if self.rope_scaling and self.position != "rope":
             raise ConfigError(f"model.rope_scaling needs position=rope, got position={self.position!r}")
@@ -132,6 +145,24 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         self.validate_moe()
+
+    def validate_bounds(self) -> None:
+        """Upper bounds and finite numbers: a config.json comes from anywhere, and memory is
+        allocated from these values (RoPE tables, the model) before the weights can disagree."""
+        for name, bound in SIZE_BOUNDS.items():
+            value = getattr(self, name)
+            if is_int(value) and value > bound:
+                raise ConfigError(f"model.{name}={value} is beyond the sanity bound {bound}; "
+                                  "no real model is that large (a corrupt or hostile config?)")
+        checks = (("rope_theta", "a finite number > 0", lambda v: v > 0),
+                  ("norm_eps", "a finite number >= 0", lambda v: v >= 0),
+                  ("initializer_range", "a finite number >= 0", lambda v: v >= 0),
+                  ("dropout", "a finite number in [0, 1)", lambda v: 0 <= v < 1),
+                  ("router_aux_loss_coef", "a finite number >= 0", lambda v: v >= 0))
+        for name, wanted, accept in checks:
+            value = getattr(self, name)
+            if not is_number(value) or not math.isfinite(value) or not accept(value):
+                raise ConfigError(f"model.{name} must be {wanted}, got {value!r}")
 
     def validate_moe(self) -> None:
         """Mixture-of-experts settings: checked only when num_experts > 0 (0 = a dense model)."""
@@ -150,8 +181,6 @@ class ModelConfig:
         if self.num_shared_experts not in (0, 1):
             raise ConfigError(f"model.num_shared_experts must be 0 or 1 (one gated shared expert, as Qwen2-MoE), "
                               f"got {self.num_shared_experts!r}; widen shared_expert_intermediate_size instead")
-        if not isinstance(self.router_aux_loss_coef, (int, float)) or not self.router_aux_loss_coef >= 0:
-            raise ConfigError(f"model.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef!r}")
         if self.aux_loss_type not in ("token", "sequence"):
             raise ConfigError(f"model.aux_loss_type must be 'token' or 'sequence', got {self.aux_loss_type!r}")
         if self.mlp != "swiglu":
@@ -183,3 +212,13 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"unknown model config fields {unknown}; known fields: {sorted(known)}")
         return cls(**data)
+
+
+def is_int(value: Any) -> bool:
+    """An integer, but not a bool (JSON `true` would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or float, but not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -6,7 +6,10 @@
     POST /v1/chat/completions   ChatML prompt from `messages`; streaming with SSE
     POST /v1/completions        plain text continuation of `prompt`
 
-How a request flows: read the body (size limit), parse JSON, validate with the pydantic models in
+Every route sits behind `HostGuard` (without an API key, only loopback Host names are answered,
+against cross-site requests and DNS rebinding) and `SecurityHeaders` (see guards.py).
+
+How a request flows: read the body (size and time limits, JSON content type), parse JSON, validate with the pydantic models in
 `protocol.py`, build the prompt tokens, submit one engine sequence per choice, then either wait for
 all of them or stream their events as SSE chunks. The engine thread hands events over with
 `loop.call_soon_threadsafe`, so the event loop never blocks on the model. When a streaming client
@@ -29,6 +32,7 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
@@ -43,12 +47,15 @@ from acornlm.serve.errors import (
     bad_request,
     internal_error,
     not_found,
+    request_timeout,
     too_large,
     too_many_requests,
     unauthorized,
     unavailable,
     unprocessable,
+    unsupported_media_type,
 )
+from acornlm.serve.guards import HostGuard, SecurityHeaders
 from acornlm.serve.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest, ServerLimits
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -158,6 +165,25 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
+def check_unicode(data: Any) -> None:
+    """400 for a string holding a lone UTF-16 surrogate ("\\ud800" is valid JSON but not Unicode, and
+    would fail later, when the text is encoded). Walks the parsed body without recursion."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise bad_request("the request holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                                  "escape), which is not valid Unicode text", code="invalid_json") from exc
+
+
 def raise_for_failure(event: Event) -> None:
     if event.finish_reason == "error":
         log.error("generation failed: %s", event.error)
@@ -179,21 +205,54 @@ def sse(data: dict[str, Any] | str) -> str:
 # --------------------------------------------------------------------------- the app
 
 
+def clean_api_key(api_key: str | None) -> str | None:
+    """The key without surrounding whitespace (a key read from a file ends in a newline); ConfigError
+    for a key no client could send in an Authorization header (empty, inner spaces, control or
+    non-ASCII characters), so a bad key fails at start instead of locking everyone out."""
+    if api_key is None:
+        return None
+    key = api_key.strip()
+    if not key or not all(33 <= ord(c) < 127 for c in key):
+        raise ConfigError("the API key must be printable ASCII without spaces (as sent in 'Authorization: "
+                          f"Bearer KEY'); got {len(key)} characters that are not")
+    return key
+
+
+def cheap_token_floor(text_length: int, max_token_chars: int) -> int:
+    """A lower bound on the tokens of a text of `text_length` characters, without tokenizing it:
+    no token covers more than `max_token_chars` characters. Why: tokenizing a 1 MB prompt takes
+    ~0.5 s, so an obviously too long prompt is refused before that work starts."""
+    return -(-text_length // max(1, max_token_chars))
+
+
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
-               limits: ServerLimits | None = None) -> FastAPI:
+               limits: ServerLimits | None = None, allowed_hosts: Sequence[str] | None = None,
+               cors_origins: Sequence[str] = ()) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name` (the engine thread must be started by the caller).
 
     Args:
         engine: A started `Engine`.
         model_name: The id clients pass as `model` and see in /v1/models.
-        api_key: When set, every /v1 route requires `Authorization: Bearer <api_key>`.
-        limits: Per-request limits (max output tokens, body size, n, stop strings).
+        api_key: When set, every /v1 route and /openapi.json require `Authorization: Bearer <api_key>`.
+        limits: Per-request limits (max output tokens, body size and time, n, stop strings).
+        allowed_hosts: Host names (besides loopback ones) the server answers for; ["*"] = any.
+            Default: any with an API key, loopback only without one (against DNS rebinding).
+        cors_origins: Web origins allowed to call the API from a browser (CORS); default none.
     """
     limits = limits or ServerLimits()
+    api_key = clean_api_key(api_key)
     tokenizer = engine.tokenizer
+    max_token_chars = max(len(tokenizer.token_bytes(i)) for i in range(engine.vocab_size))
     created = int(time.time())
     app = FastAPI(title="acornlm", summary=f"OpenAI-compatible API serving {model_name}",
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    if allowed_hosts is None:
+        allowed_hosts = ["*"] if api_key else []
+    app.add_middleware(HostGuard, allowed=allowed_hosts)
+    app.add_middleware(SecurityHeaders)
 
     # ---------------------------------------------------------------- errors
 
@@ -229,21 +288,37 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
             raise unauthorized("invalid API key")
 
     async def read_json(request: Request) -> dict[str, Any]:
-        """The body as a JSON object, refusing bodies over the size limit before reading them whole."""
+        """The body as a JSON object, refusing bodies over the size limit before reading them whole,
+        bodies that take longer than the time limit, and anything but `Content-Type: application/json`
+        (a browser sends text/plain across sites without asking first: that is how CSRF gets in)."""
+        content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise unsupported_media_type(f"send the request body as JSON with 'Content-Type: application/json' "
+                                         f"(got {content_type or 'no content type'!r})")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limits.max_body_bytes:
             raise too_large(f"the request body is {declared} bytes; the limit is {limits.max_body_bytes}")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_body_bytes:
-                raise too_large(f"the request body is over the limit of {limits.max_body_bytes} bytes")
+
+        async def read_body() -> bytearray:
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limits.max_body_bytes:
+                    raise too_large(f"the request body is over the limit of {limits.max_body_bytes} bytes")
+            return body
+
+        try:
+            body = await asyncio.wait_for(read_body(), limits.body_timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise request_timeout(f"the request body did not arrive within {limits.body_timeout_s:g} s") from exc
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an int over 4300 digits, deep nesting
+            reason = "it is nested too deeply" if isinstance(exc, RecursionError) else exc
+            raise bad_request(f"the request body is not valid JSON: {reason}", code="invalid_json") from exc
         if not isinstance(data, dict):
             raise bad_request("the request body must be a JSON object", code="invalid_json")
+        check_unicode(data)
         return data
 
     def parse(model: type[RequestT], data: dict[str, Any]) -> RequestT:
@@ -258,6 +333,15 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
         if request.model not in (None, "", model_name):
             raise not_found(f"the model {request.model!r} does not exist; this server serves {model_name!r}",
                             param="model", code="model_not_found")
+
+    def check_text_length(characters: int, param: str) -> None:
+        """Refuse a prompt that cannot fit the context whatever its tokens, before tokenizing it."""
+        at_least = cheap_token_floor(characters, max_token_chars)
+        if at_least > engine.context_length:
+            raise bad_request(
+                f"this model's maximum context length is {engine.context_length} tokens, but the prompt has "
+                f"{characters} characters, at least {at_least} tokens; shorten the prompt or the conversation",
+                param, code="context_length_exceeded")
 
     def check_prompt(prompt_ids: list[int], param: str) -> None:
         if not prompt_ids:
@@ -291,6 +375,10 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(check_api_key)])
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
     @app.get("/health")
     async def health() -> JSONResponse:
         status = {"status": "ok" if engine.alive else "stopped", "model": model_name,
@@ -321,8 +409,10 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
         body = parse(ChatCompletionRequest, await read_json(request))
         check_model(body)
         top_logprobs = body.logprobs_wanted()
-        try:
-            prompt_ids = render_prompt(tokenizer, body.chat_messages())
+        messages = body.chat_messages()
+        check_text_length(sum(len(m["content"]) for m in messages), "messages")
+        try:  # off the event loop: tokenizing a long prompt must not stall the other streams
+            prompt_ids = await asyncio.to_thread(render_prompt, tokenizer, messages)
         except DataError as exc:
             raise bad_request(str(exc), "messages") from exc
         check_prompt(prompt_ids, "messages")
@@ -387,7 +477,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
         top_logprobs = body.logprobs_wanted()
         prompts = []
         for prompt in body.prompts():
-            ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt)
+            if isinstance(prompt, str):
+                check_text_length(len(prompt), "prompt")
+            ids = prompt if isinstance(prompt, list) else await asyncio.to_thread(tokenizer.encode, prompt)
             if isinstance(prompt, str) and not ids:
                 ids = [tokenizer.eot_id]  # an empty prompt starts a fresh document
             if any(not 0 <= t < engine.vocab_size for t in ids):

@@ -140,6 +140,8 @@ class _EngineLoop:
         elif message[0] == "cancel":
             if message[1] in self.handles:
                 self.handles[message[1]].cancel()
+            else:  # finished already, or never got here: answer anyway, so the server's callback cannot leak
+                self.outbox.append((message[1], Event(finish_reason="abort")))
         return message[0] != "stop"
 
     def run(self) -> None:
@@ -167,7 +169,11 @@ class _Handle:
         self.id = seq_id
 
     def cancel(self) -> None:
-        self._engine._send(("cancel", self.id))
+        """Ask the engine process to end the sequence, unless its final event has come already."""
+        with self._engine._lock:
+            unfinished = self.id in self._engine._callbacks
+        if unfinished:
+            self._engine._send(("cancel", self.id))
 
 
 class EngineProcess:
@@ -315,6 +321,7 @@ class EngineProcess:
         if not self._stopping:
             self._process.join(5)  # reap it, for its exit code
             code = self._process.exitcode
+            self._status = _Status(finished=self._status.finished)  # /health must not show the dead one's load
             self._end_all("error", f"the engine process exited unexpectedly (code {code})")
 
     def _end_all(self, reason: str, error: str | None) -> None:

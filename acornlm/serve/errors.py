@@ -43,6 +43,14 @@ def not_found(message: str, param: str | None = None, code: str | None = None) -
     return APIError(404, message, param=param, code=code)
 
 
+def request_timeout(message: str) -> APIError:
+    return APIError(408, message, code="request_timeout")
+
+
+def unsupported_media_type(message: str) -> APIError:
+    return APIError(415, message, code="unsupported_media_type")
+
+
 def too_large(message: str) -> APIError:
     return APIError(413, message, code="request_too_large")
 

@@ -26,12 +26,15 @@ class ServerLimits:
         max_body_bytes: Largest request body accepted (HTTP 413 beyond it).
         max_n: Most choices (`n`) per request.
         max_stop: Most stop strings per request.
+        body_timeout_s: Seconds a client has to send the whole request body (HTTP 408 beyond), so a
+            client that trickles its body cannot hold a connection and a request open for ever.
     """
 
     max_output_tokens: int = 2048
     max_body_bytes: int = 1_000_000
     max_n: int = 8
     max_stop: int = 8
+    body_timeout_s: float = 30.0
 
 
 class StreamOptions(BaseModel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +33,7 @@ from acornlm.tokenizer.special_tokens import EOT_TOKEN, SPECIAL_TOKENS
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 KINDS = ("bpe", "char")
+OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how the Rust backend spells an OS error
 
 
 class Tokenizer:
@@ -107,12 +109,25 @@ class Tokenizer:
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(directory / TOKENIZER_FILE), pretty=True)
+        save_backend(self.backend, directory / TOKENIZER_FILE)
         reserved = [token.content for _, token in sorted(self.backend.get_added_tokens_decoder().items())]
         config = tokenizer_config(self.kind, reserved, model_max_length)
         (directory / TOKENIZER_CONFIG_FILE).write_text(
             json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
+
+
+def save_backend(backend: BackendTokenizer, file: Path) -> None:
+    """Write tokenizer.json. The Rust backend reports a failed write as a bare Exception
+    ("No space left on device (os error 28)"); it becomes the OSError it stands for, so callers
+    such as checkpoint saves can tell a full disk from a bug."""
+    try:
+        backend.save(str(file), pretty=True)
+    except Exception as exc:
+        match = OS_ERROR.search(str(exc))
+        if match is None:
+            raise
+        raise OSError(int(match.group(1)), str(exc), str(file)) from exc
 
 
 def fingerprint_of(backend: BackendTokenizer) -> str:

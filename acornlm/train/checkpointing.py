@@ -12,6 +12,7 @@ plain Python values, so it loads with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from acornlm.checkpoint import (
     CONFIG_FILE,
@@ -30,7 +32,7 @@ from acornlm.checkpoint import (
     atomic_write_text,
     write_model_files,
 )
-from acornlm.errors import CheckpointError
+from acornlm.errors import CheckpointError, DiskFullError
 from acornlm.model import Transformer
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -131,7 +133,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, train_st
     swap it (LoRA writes the frozen base weights plus the adapter files).
 
     On any failure the temporary folder is removed and the previous checkpoint and `latest`
-    are left as they were; an OSError (full disk, permissions) becomes a CheckpointError.
+    are left as they were. A full disk becomes a DiskFullError (one line: where, which checkpoint
+    is kept, what to do), another OSError (permissions) a CheckpointError; the rest propagates.
     """
     root = checkpoints_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -153,6 +156,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, train_st
         atomic_write_text(root / LATEST_FILE, name + "\n")
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            raise DiskFullError(disk_full_message(root, name, previous, exc)) from exc
         if isinstance(exc, OSError):
             kept = f"the previous checkpoint {previous} and" if previous else "no earlier checkpoint exists;"
             raise CheckpointError(
@@ -161,6 +166,37 @@ def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, train_st
             ) from exc
         raise
     return final
+
+
+# Errors that mean "no space left" although they are no OSError: torch.save's zip writer checks
+# its position after each write ("unexpected pos N vs M") or reports "file write failed";
+# safetensors and tokenizers (Rust) put the OS error into their message.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed")
+RUST_DISK_FULL = ("os error 28)", "os error 122)", "No space left on device", "Disk quota exceeded")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an error raised while writing a checkpoint means the disk (or quota) is full."""
+    if isinstance(exc, OSError):
+        return exc.errno in DISK_FULL_ERRNOS
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and any(marker in text for marker in TORCH_WRITE_FAILURES):
+        return True
+    return isinstance(exc, SafetensorError) and any(marker in text for marker in RUST_DISK_FULL)
+
+
+def disk_full_message(root: Path, name: str, previous: Path | None, exc: BaseException) -> str:
+    """One line: where the disk is full, which checkpoint is kept, and how to go on."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    if previous is None:
+        kept = "no earlier checkpoint exists yet; free space, then rerun the command"
+    else:
+        match = STEP_DIR.match(previous.name)
+        step = f"checkpoint {int(match.group(1))} " if match else "checkpoint "
+        kept = (f"{step}({previous}, the last good one) is kept intact and {root / LATEST_FILE} still names it; "
+                "free space, then rerun with --resume")
+    return f"the disk is full at {root}: could not write {name} ({reason}); {kept}"
 
 
 def mark_best(run_dir: str | Path, checkpoint: Path) -> None:

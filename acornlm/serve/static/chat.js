@@ -21,11 +21,16 @@ let controller = null;     // AbortController of the reply being generated
 
 // ------------------------------------------------------------------ settings
 
+// The API key lives in sessionStorage (gone when the tab closes, never shared with other tabs);
+// the other settings in localStorage, so they survive a restart of the browser.
+const storageOf = (id) => (id === "api-key" ? sessionStorage : localStorage);
+
 function loadSettings() {
+  localStorage.removeItem("acornlm.api-key");  // written there by earlier versions of this page
   for (const id of SETTINGS) {
-    const saved = localStorage.getItem("acornlm." + id);
+    const saved = storageOf(id).getItem("acornlm." + id);
     if (saved !== null) $(id).value = saved;
-    $(id).addEventListener("change", () => localStorage.setItem("acornlm." + id, $(id).value));
+    $(id).addEventListener("change", () => storageOf(id).setItem("acornlm." + id, $(id).value));
   }
 }
 
