@@ -25,7 +25,7 @@ torch: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH)"
 
 venv: torch
-	$(PIP) install --quiet -e ".[export]"
+	$(PIP) install --quiet -e ".[export,serve]"
 
 demo: venv
 	$(VENV)/bin/acornlm demo --out $(DEMO_DIR) $(DEMO_ARGS)
