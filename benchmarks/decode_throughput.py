@@ -6,10 +6,11 @@ the weights once from memory: tokens/s can be at most (memory bandwidth) / (byte
 The bandwidth is measured here (summing a 512 MiB tensor, timed in the same rounds as the models).
 
 Candidates (same weights, a random prompt, greedy, exactly --new-tokens tokens each):
-  loop            a minimal greedy loop over model.forward with the KV cache (the model's own cost)
+  loop            a minimal greedy loop over model.forward with the KV cache, oneDNN products
+  loop_reference  the same loop over the reference model (acornlm/model/transformer.py, not accelerated)
   loop_packed     the same loop with the weights packed for oneDNN once
-                  (acornlm.model.ops.pack_for_inference, which LanguageModel and Engine apply)
-  loop_mkl        the loop with acornlm.model.ops.USE_ONEDNN = False (PyTorch's MKL matmuls)
+                  (acornlm.accel.accelerate(model, mode="infer"), as LanguageModel and Engine apply it)
+  loop_mkl        the loop with acornlm.accel.onednn.USE_ONEDNN = False (PyTorch's MKL matmuls)
   generate        acornlm.infer.generate.generate_tokens, greedy, packed weights (the real path)
   generate_sampled  the same with temperature 0.8, top-k 50, top-p 0.9 (the sampler's cost)
   generate_bf16   generate_tokens on a packed bf16 copy (`--dtype bfloat16`)
@@ -34,9 +35,10 @@ from collections.abc import Callable
 import common
 import torch
 
+from acornlm.accel import accelerate
+from acornlm.accel import onednn as ops
 from acornlm.infer.quantize import quantize_model
-from acornlm.model import Transformer, ops
-from acornlm.model.ops import pack_for_inference
+from acornlm.model import Transformer
 
 
 def greedy_loop(model: Transformer, prompt: torch.Tensor, new_tokens: int, use_onednn: bool = True,
@@ -125,19 +127,21 @@ def main() -> None:
     config = common.preset_config(args.preset)
     if config.vocab_size == 0:
         config.vocab_size = 512
-    model = Transformer(config).eval()
+    reference = Transformer(config).eval()
+    model = accelerate(copy.deepcopy(reference))  # oneDNN products, weights not packed
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens))
     n = args.new_tokens
 
-    packed = pack_for_inference(copy.deepcopy(model))
+    packed = accelerate(copy.deepcopy(reference), mode="infer")
     candidates = {
         "loop": greedy_loop(model, prompt, n),
         "loop_packed": greedy_loop(packed, prompt, n),
+        "loop_reference": greedy_loop(reference, prompt, n),
         "loop_mkl": greedy_loop(model, prompt, n, use_onednn=False),
         "generate": acornlm_generate(packed, prompt, n, temperature=0.0),
         "generate_sampled": acornlm_generate(packed, prompt, n, temperature=0.8, top_k=50, top_p=0.9),
     }
-    variants = {"generate_bf16": pack_for_inference(copy.deepcopy(model).to(torch.bfloat16)),
+    variants = {"generate_bf16": accelerate(copy.deepcopy(reference).to(torch.bfloat16), mode="infer"),
                 "generate_int8": quantize_model(copy.deepcopy(model), "int8")}
     for name, variant in variants.items():
         candidates[name] = acornlm_generate(variant, prompt, n, temperature=0.0)

@@ -4,10 +4,12 @@ All models have the same shape and start from the same weights, use the same opt
 (acornlm's AdamW groups) and the same loss (cross-entropy on fp32 logits), and are timed
 round-robin in one process (see common.time_interleaved). Candidates:
 
-  acornlm           the model as shipped (fp32 matmuls on oneDNN, see acornlm/model/ops.py)
-  acornlm_mkl       the same model with ops.USE_ONEDNN = False: PyTorch's default MKL matmuls
+  acornlm           the model as the Trainer runs it: accelerate(model) (fp32 matmuls on oneDNN,
+                    see acornlm/accel/onednn.py; hand-written RMSNorm/RoPE backward; oneDNN attention)
+  acornlm_reference the reference model of acornlm/model/transformer.py, not accelerated
+  acornlm_mkl       the accelerated model with onednn.USE_ONEDNN = False: PyTorch's default MKL matmuls
   acornlm_sdpa      the same model with attention through SDPA's fused kernel instead of oneDNN
-                    products (acornlm/model/onednn_attention.py)
+                    products (acornlm/accel/onednn_attention.py)
   hf_llama          transformers LlamaForCausalLM: exactly the same architecture (apples to apples)
   hf_qwen3          transformers Qwen3ForCausalLM: the same plus QK-norm (a little more work per step)
   acornlm_compiled  (--compile) torch.compile(model), default inductor settings
@@ -32,8 +34,9 @@ import common
 import torch
 import torch.nn.functional as F
 
-from acornlm.model import onednn_attention as attention
-from acornlm.model import ops
+from acornlm.accel import accelerate
+from acornlm.accel import onednn as ops
+from acornlm.accel import onednn_attention as attention
 from acornlm.train.config import TrainConfig
 from acornlm.train.mfu import measure_matmul_peak
 from acornlm.train.optim import build_optimizer
@@ -76,7 +79,8 @@ def main() -> None:
     config = common.preset_config(args.preset)
     if config.vocab_size == 0:
         config.vocab_size = 512
-    model = common.Transformer(config).train()
+    reference = common.Transformer(config).train()
+    model = accelerate(copy.deepcopy(reference))
     batch = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1))
     inputs, targets = batch[:, :-1], batch[:, 1:]
     train_config = TrainConfig()
@@ -85,7 +89,7 @@ def main() -> None:
         return training_step(net, build_optimizer(net, train_config, torch.device("cpu")), inputs, targets,
                              use_onednn, onednn_attention)
 
-    candidates = {"acornlm": candidate(model), "acornlm_mkl": candidate(copy.deepcopy(model), False),
+    candidates = {"acornlm": candidate(model), "acornlm_reference": candidate(reference), "acornlm_mkl": candidate(copy.deepcopy(model), False),
                   "acornlm_sdpa": candidate(copy.deepcopy(model), onednn_attention=False)}
     if not args.no_hf and config.family != "gpt2":
         candidates["hf_llama"] = candidate(common.hf_twin(model, "llama").train())

@@ -13,7 +13,7 @@ from acornlm.errors import ConfigError
 from acornlm.infer import SamplingParams, generate_tokens
 from acornlm.infer.engine import Engine
 from acornlm.infer.quantize import Int8Linear, quantize_model, quantize_rows
-from acornlm.model.ops import Linear
+from acornlm.accel.onednn import OneDNNLinear as Linear
 
 
 def test_rows_round_to_the_nearest_step_of_their_scale():

@@ -56,18 +56,43 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing: run `bash tests/setup_browser.sh` (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1000, "height": 800})
-        page.set_default_timeout(20_000)
-        page.goto(server.url + "/")
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(server, browser):
+    # Playwright's wait_for_function evaluates strings, which the page's Content-Security-Policy
+    # forbids (as it should); test_the_page_runs_under_its_content_security_policy covers the CSP.
+    page = browser.new_page(viewport={"width": 1000, "height": 800}, bypass_csp=True)
+    page.set_default_timeout(20_000)
+    page.goto(server.url + "/")
+    yield page
+    page.close()
+
+
+def test_the_page_runs_under_its_content_security_policy(server, browser):
+    """With the CSP enforced, the page's own script and style load, it calls the API (401 without
+    the key), and the browser reports no violation."""
+    page = browser.new_page()
+    messages: list[str] = []
+    page.on("console", lambda message: messages.append(message.text))
+    response = page.goto(server.url + "/")
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    deadline = time.monotonic() + 20
+    while "401" not in (page.locator("#model-name").text_content() or "") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "401" in page.locator("#model-name").text_content()
+    assert page.locator("#settings-toggle").evaluate("e => getComputedStyle(e).cursor") == "pointer"  # chat.css loaded
+    assert not [m for m in messages if "Content Security Policy" in m], messages
+    page.close()
 
 
 def last_reply(page):

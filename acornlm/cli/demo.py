@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from acornlm.accel import accelerate
 from acornlm.errors import ConfigError
 from acornlm.model import ModelConfig, Transformer
 from acornlm.presets import load_preset
@@ -36,7 +37,7 @@ def step_seconds(model_config: ModelConfig, train_config: TrainConfig, device: s
     from acornlm.train.precision import select_device
 
     dev = select_device(device)
-    model = Transformer(dataclasses.replace(model_config)).to(dev)
+    model = accelerate(Transformer(dataclasses.replace(model_config)).to(dev), dev)  # as the Trainer runs it
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, model_config.vocab_size, (train_config.batch_size, train_config.seq_len), device=dev)
     timings = []

@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 
+from acornlm.accel import accelerate
 from acornlm.checkpoint import resolve_checkpoint
 from acornlm.errors import CheckpointError, ConfigError
 from acornlm.infer.generate import generate_batch
 from acornlm.infer.sampling import SamplingParams
 from acornlm.infer.streaming import StreamingDetokenizer
 from acornlm.model import Transformer
-from acornlm.model.ops import pack_for_inference
 from acornlm.model.rope import extend_context
 from acornlm.tokenizer import Tokenizer, load_tokenizer
 
@@ -57,7 +57,7 @@ class LanguageModel:
 
     Attributes:
         model: The `Transformer`, in eval mode, its linear weights packed for oneDNN on a CPU
-            (`acornlm.model.ops.pack_for_inference`: faster decoding, a second copy of those weights).
+            (`acornlm.accel.accelerate(model, mode="infer")`: faster decoding, a second copy of those weights).
         tokenizer: The `Tokenizer` it was trained with.
         config: The model's `ModelConfig`.
         info: The checkpoint's whole config.json (run info included); empty when built directly.
@@ -69,7 +69,7 @@ class LanguageModel:
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}: "
                 "they do not belong together; use the tokenizer files saved with the checkpoint"
             )
-        self.model = pack_for_inference(model.eval())
+        self.model = accelerate(model.eval(), mode="infer")
         self.tokenizer = tokenizer
         self.config = model.config
         self.info = info or {}

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from acornlm.accel import accelerate
 from acornlm.errors import AcornError, ConfigError
 from acornlm.infer.generate import new_token_budget
 from acornlm.infer.sampling import (
@@ -46,7 +47,6 @@ from acornlm.infer.sampling import (
 )
 from acornlm.infer.streaming import StreamingDetokenizer
 from acornlm.model import Transformer
-from acornlm.model.ops import pack_for_inference
 from acornlm.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
@@ -252,7 +252,7 @@ class Engine:
             raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}")
         if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 0):
             raise ConfigError(f"max_queue must be an integer >= 0, got {max_queue!r}")
-        self.model = pack_for_inference(model.eval())
+        self.model = accelerate(model.eval(), mode="infer")
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = 4 * max_batch if max_queue is None else max_queue

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from acornlm.model.config import ModelConfig
-from acornlm.model.ops import Linear, linear
 
 
 def load_balancing_loss(scores: torch.Tensor, expert_ids: torch.Tensor, num_experts: int,
@@ -58,6 +57,8 @@ def load_balancing_loss(scores: torch.Tensor, expert_ids: torch.Tensor, num_expe
 class TopKRouter(nn.Module):
     """Router: softmax(x W^T) over the experts, then the k largest (renormalised if norm_topk_prob)."""
 
+    linear = staticmethod(F.linear)  # x W^T (acornlm.accel swaps in its CPU product)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.top_k = config.num_experts_per_tok
@@ -66,7 +67,7 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [..., H] -> (scores [..., E] in fp32, top-k weights [..., k] in x's dtype, expert ids [..., k])."""
-        scores = F.softmax(linear(x, self.weight).float(), dim=-1)
+        scores = F.softmax(self.linear(x, self.weight).float(), dim=-1)
         weights, expert_ids = torch.topk(scores, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -75,6 +76,8 @@ class TopKRouter(nn.Module):
 
 class StackedExperts(nn.Module):
     """E SwiGLU experts, down(silu(gate(x)) · up(x)), with their weights stacked into 3-D tensors."""
+
+    linear = staticmethod(F.linear)  # x W^T (acornlm.accel swaps in its CPU product)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -102,8 +105,8 @@ class StackedExperts(nn.Module):
         for block, gate_up, down in zip(blocks, self.gate_up_proj.unbind(0), self.down_proj.unbind(0)):
             if block.shape[0] == 0:
                 continue
-            gate, up = linear(block, gate_up).chunk(2, dim=-1)
-            outputs.append(linear(F.silu(gate) * up, down))
+            gate, up = self.linear(block, gate_up).chunk(2, dim=-1)
+            outputs.append(self.linear(F.silu(gate) * up, down))
         if not outputs:  # no tokens at all
             return torch.zeros_like(x)
         out = torch.cat(outputs) * weights.reshape(-1)[order, None]
@@ -115,9 +118,9 @@ class SharedExpert(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -134,7 +137,7 @@ class MoEFeedForward(nn.Module):
         self.experts = StackedExperts(config)
         if config.num_shared_experts:
             self.shared_expert = SharedExpert(config.hidden_size, config.shared_expert_intermediate_size)
-            self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
         else:
             self.shared_expert = self.shared_expert_gate = None
         self.aux_loss: torch.Tensor | None = None  # of the latest forward pass in training mode

@@ -4,6 +4,12 @@ Read top to bottom: norms, rotary positions, attention, feed-forward, a block, t
 Parameter names are Hugging Face Llama/Qwen3's (`model.layers.0.self_attn.q_proj.weight`,
 `model.layers.0.mlp.gate_proj.weight`, `model.norm.weight`, `lm_head.weight`), so a
 checkpoint of the Llama family is a transformers checkpoint without renaming.
+
+This file is the reference: plain `nn.Linear` layers and every formula written out. Speed is
+applied from outside by `acornlm.accel.accelerate(model, ...)` (the Trainer, the Engine and
+`acornlm.load` call it), which swaps in CPU kernels with the same results and registers faster
+attention functions in `ATTENTION_FUNCTIONS`; tests/test_accel.py checks that logits and
+gradients agree with this file.
 """
 
 from __future__ import annotations
@@ -17,10 +23,7 @@ from torch import nn
 from acornlm.errors import ConfigError
 from acornlm.model.config import ModelConfig
 from acornlm.model.kv_cache import KVCache
-from acornlm.model.manual_backward import apply_rotary_manual, rms_norm, use_manual_backward
 from acornlm.model.moe import MoEFeedForward
-from acornlm.model.onednn_attention import onednn_causal_attention, use_onednn_attention
-from acornlm.model.ops import FusableLinears, Linear, linears
 from acornlm.model.rope import dynamic_cos_sin, is_dynamic_beyond, rope_tables
 
 
@@ -33,9 +36,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_manual_backward(x, self.weight):  # CPU training: fewer passes over memory
-            return rms_norm(x, self.weight, self.eps)
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        """x [..., dim] -> [..., dim]. The mean square is taken in float32 even for bf16/fp16 inputs
+        (as F.rms_norm and transformers do), then cast back before the per-channel scale."""
+        x32 = x.float()
+        inv_rms = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # [..., 1]
+        return (x32 * inv_rms).to(x.dtype) * self.weight
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -65,27 +70,59 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q K^T / sqrt(d) + mask) V for one new token per row: a batched decode step.
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    is_causal: bool, dropout: float) -> torch.Tensor:
+    """Scaled dot-product attention (Vaswani et al. 2017), written out: softmax(Q K^T / sqrt(d) + M) V.
 
-    q [B, heads, 1, D]; k, v [B, kv_heads, T, D]; mask [B, 1, 1, T] (True = may attend). The query
-    heads that share a KV head (GQA) are multiplied together as one [group, D] x [D, T] product. For
-    this shape plain matmuls beat the fused SDPA kernel on the CPU: in the engine's 16-row decode step
-    of minimind2-small, the 8 layers' attention took 1.7-3.2 ms instead of 2.3-4.1 ms (benchmarks/README.md).
+    q [B, heads, T, D]; k, v [B, kv_heads, S, D] (S >= T: cached positions come first); mask None
+    or boolean, broadcastable to [B, heads, T, S] (True = may attend); is_causal: query t sees keys
+    <= S - T + t. Grouped-query attention (GQA, Ainslie et al. 2023): each of the kv_heads serves
+    heads / kv_heads query heads. Returns [B, T, heads * D].
     """
-    batch, heads, _, head_dim = q.shape
-    kv_heads = k.shape[1]
-    grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)
-    scores = torch.matmul(grouped, k.transpose(-1, -2)) * head_dim ** -0.5  # [B, kv_heads, group, T]
-    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    return torch.matmul(weights, v).view(batch, heads, 1, head_dim)
+    batch, heads, seq, head_dim = q.shape
+    keys = k.shape[2]
+    group = heads // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)  # [B, heads, S, D]
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head_dim)  # [B, heads, T, S]
+    if is_causal:
+        mask = torch.ones(seq, keys, dtype=torch.bool, device=q.device).tril(diagonal=keys - seq)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.float().softmax(dim=-1).to(q.dtype)  # each row sums to 1 over the keys it may see
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    out = torch.matmul(probs, v)  # [B, heads, T, D]
+    return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
 
 
-class CausalSelfAttention(nn.Module, FusableLinears):
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   is_causal: bool, dropout: float) -> torch.Tensor:
+    """The same as `eager_attention`, through PyTorch's fused kernel (flash / memory-efficient
+    attention where the device has one): no [T, S] score matrix is kept."""
+    batch, heads, seq, head_dim = q.shape
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
+                                         enable_gqa=k.shape[1] != heads)  # [B, heads, T, D]
+    return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+
+
+# Attention implementations by name, as transformers' ALL_ATTENTION_FUNCTIONS. `register_attention`
+# adds more (acornlm.accel registers its CPU kernels); `Transformer.set_attention` picks one.
+ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention}
+
+
+def register_attention(name: str, function) -> None:
+    """Make `function` (with eager_attention's signature and results) selectable as `name`."""
+    ATTENTION_FUNCTIONS[name] = function
+
+
+class CausalSelfAttention(nn.Module):
     """Multi-head attention softmax(Q K^T / sqrt(d)) V with a causal mask, grouped-query KV heads,
-    optional QK-norm and RoPE, and an optional KV cache for generation."""
+    optional QK-norm and RoPE, and an optional KV cache for generation.
 
-    fusable_linears = ("q_proj", "k_proj", "v_proj")
+    The attention itself is `ATTENTION_FUNCTIONS[self.attn_implementation]` ("sdpa" by default).
+    """
+
+    attn_implementation = "sdpa"
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -95,15 +132,24 @@ class CausalSelfAttention(nn.Module, FusableLinears):
         self.head_dim = config.head_dim
         self.dropout = config.dropout
         bias = config.attention_bias
-        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
         else:
             self.q_norm = self.k_norm = None
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] -> queries [B, T, heads * D], keys and values [B, T, kv_heads * D]."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on the queries and keys [B, heads, T, D]."""
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def forward(
         self,
@@ -112,8 +158,9 @@ class CausalSelfAttention(nn.Module, FusableLinears):
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x [B, T, hidden] -> [B, T, hidden]; with a cache, the new tokens see the cached ones too."""
         batch, seq, _ = x.shape
-        q, k, v = linears(x, (self.q_proj, self.k_proj, self.v_proj), self.fused_linears)
+        q, k, v = self.project_qkv(x)
         q = q.view(batch, seq, self.num_heads, self.head_dim)
         k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
@@ -121,9 +168,7 @@ class CausalSelfAttention(nn.Module, FusableLinears):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if rope is not None:
-            cos, sin = rope
-            rotate = apply_rotary_manual if use_manual_backward(q, k) else apply_rotary
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q, k = self.rotate(q, k, *rope)
 
         past = 0
         if cache is not None:
@@ -140,37 +185,31 @@ class CausalSelfAttention(nn.Module, FusableLinears):
             mask = torch.ones(seq, total, dtype=torch.bool, device=x.device).tril(diagonal=past)
             is_causal = False
         dropout = self.dropout if self.training else 0.0
-        if is_causal and mask is None and use_onednn_attention(q, self.num_kv_heads, dropout):
-            return self.o_proj(onednn_causal_attention(q, k, v))  # CPU training and evaluation
-        if (seq == 1 and batch > 1 and attention_mask is not None and attention_mask.dtype == torch.bool
-                and attention_mask.shape[1] == 1 and not self.training and q.device.type == "cpu"):
-            out = one_query_attention(q, k, v, mask)  # the engine's batched decode step
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
-                enable_gqa=self.num_kv_heads != self.num_heads,
-            )
-        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        attention = ATTENTION_FUNCTIONS[self.attn_implementation]
+        out = attention(q, k, v, mask, is_causal, dropout)  # [B, T, heads * D]
         return self.o_proj(out)
 
 
-class FeedForward(nn.Module, FusableLinears):
+class FeedForward(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)) (Shazeer 2020), or GELU MLP: down(gelu(up(x))) (GPT-2)."""
-
-    fusable_linears = ("gate_proj", "up_proj")
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         bias = config.mlp_bias
         self.gated = config.mlp == "swiglu"
         if self.gated:
-            self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] -> gate(x), up(x), each [B, T, intermediate]."""
+        return self.gate_proj(x), self.up_proj(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, hidden] -> [B, T, hidden]."""
         if self.gated:
-            gate, up = linears(x, (self.gate_proj, self.up_proj), self.fused_linears)
+            gate, up = self.project_gate_up(x)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
@@ -215,7 +254,7 @@ class Transformer(nn.Module):
             raise ConfigError("model.vocab_size is 0 (auto); set it to the tokenizer's size before building")
         self.config = config
         self.model = DecoderStack(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.init_rope()
@@ -323,6 +362,15 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(seq)
         return self.model.norm(x)
+
+    def set_attention(self, name: str) -> Transformer:
+        """Compute attention with ATTENTION_FUNCTIONS[name] in every layer ("eager", "sdpa", or one
+        registered by acornlm.accel); returns self."""
+        if name not in ATTENTION_FUNCTIONS:
+            raise ConfigError(f"unknown attention implementation {name!r}; known: {sorted(ATTENTION_FUNCTIONS)}")
+        for layer in self.model.layers:
+            layer.self_attn.attn_implementation = name
+        return self
 
     def num_params(self, trainable_only: bool = False) -> int:
         """Distinct parameters (a tied embedding/head matrix counts once; int8-quantized weights count too)."""

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from acornlm.accel import accelerate
 from acornlm.checkpoint import resolve_checkpoint
 from acornlm.data.conversations import load_conversations
 from acornlm.data.sft import IGNORE_INDEX, SFTBatches, encode_conversations
@@ -117,7 +118,7 @@ def load_teacher(teacher: str | Path, tokenizer: Tokenizer) -> tuple[Transformer
                           f"the student ({tokenizer.fingerprint[:16]}): their logits are over different tokens. "
                           "Distil into a student built with the teacher's tokenizer")
     model, _ = load_model_with_adapter(path, device="cpu")
-    return model, path
+    return accelerate(model), path
 
 
 def run_distill(data: str | Path | Sequence[str | Path], teacher: str | Path | None, init: str | Path | None,

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from acornlm.accel import accelerate
 from acornlm.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint, write_model_files
 from acornlm.data.preferences import (
     EncodedPair,
@@ -439,7 +440,7 @@ def build_policy(start: StageStart, train_config: TrainConfig, context: distribu
 
 def load_reference(start: StageStart) -> Transformer:
     """A frozen copy of the starting model (the reference pi_ref), loaded from --init."""
-    return load_merged(start.init).eval().requires_grad_(False)
+    return accelerate(load_merged(start.init).eval().requires_grad_(False))
 
 
 def load_merged(path: Path) -> Transformer:

@@ -42,7 +42,6 @@ from torch import nn
 from acornlm.checkpoint import load_model, resolve_checkpoint, write_model_files
 from acornlm.errors import CheckpointError, ConfigError
 from acornlm.model import Transformer
-from acornlm.model.ops import Linear
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -92,7 +91,7 @@ class LoraConfig:
         return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "targets": self.targets}
 
 
-class LoraLinear(Linear):
+class LoraLinear(nn.Linear):
     """A frozen linear layer plus a trainable low-rank update: y = W x + b + (alpha/r) B A dropout(x).
 
     It *is* a Linear holding the base layer's own weight and bias, so the base keeps its parameter
@@ -106,8 +105,8 @@ class LoraLinear(Linear):
         self.register_parameter("bias", base.bias)  # None when the layer has no bias
         self.rank, self.scaling = rank, alpha / rank
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = Linear(base.in_features, rank, bias=False, **factory)
-        self.lora_B = Linear(rank, base.out_features, bias=False, **factory)
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, **factory)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, **factory)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT: A random, B zero
         nn.init.zeros_(self.lora_B.weight)
@@ -299,7 +298,7 @@ def merge_lora(model: Transformer) -> Transformer:
     """
     for name, layer in lora_layers(model).items():
         layer.weight += layer.delta_weight()
-        plain = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         plain.weight, plain.bias = layer.weight, layer.bias
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)

@@ -4,7 +4,7 @@ MFU (PaLM, appendix B) = flops_per_token x tokens_per_second / peak_flops. Vendo
 meaningless on a laptop CPU, so the peak is measured here: the best rate of a large square
 matmul in the training dtype on the training device. On the CPU both of PyTorch's matmul
 libraries are timed (MKL through torch.matmul, and oneDNN, which the model's Linear layers use
-where it is faster, see acornlm.model.ops) and the faster one is the peak, so MFU never flatters.
+where it is faster, see acornlm.accel.onednn) and the faster one is the peak, so MFU never flatters.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import functools
 import time
 
 import torch
+
+from acornlm.accel import onednn
 
 
 @functools.lru_cache(maxsize=8)
@@ -24,10 +26,8 @@ def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32,
     b = torch.randn(size, size, device=dev, dtype=dtype)
     products = [torch.matmul]
     if dev.type == "cpu" and dtype == torch.float32:
-        from acornlm.model import ops
-
-        if ops.ONEDNN_AVAILABLE:
-            products.append(ops.onednn_matmul)
+        if onednn.ONEDNN_AVAILABLE:
+            products.append(onednn.onednn_matmul)
     best = float("inf")
     for product in products:
         product(a, b)  # warm up kernels and caches

@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from acornlm.accel import accelerate
 from acornlm.allocator import keep_freed_memory
 from acornlm.checkpoint import write_model_files
 from acornlm.errors import AcornError, CheckpointError
@@ -160,7 +161,7 @@ class Trainer:
 
         seed_everything(config.seed + self.context.rank)
         # float32 masters: autocast lowers the precision of the arithmetic, never of the weights.
-        self.raw_model = model.to(device=self.device, dtype=torch.float32)
+        self.raw_model = accelerate(model.to(device=self.device, dtype=torch.float32), self.device, mode="train")
         self.eval_model: nn.Module = torch.compile(self.raw_model) if config.compile else self.raw_model
         self.train_model: nn.Module = self.eval_model
         if self.context.is_distributed:

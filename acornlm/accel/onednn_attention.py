@@ -1,7 +1,7 @@
 """Causal attention for CPU training as oneDNN products, one per group of heads sharing a KV head.
 
 Why: PyTorch's fused CPU attention (SDPA's flash kernel) does its small products through MKL, which
-takes a slow generic path on AMD CPUs (see acornlm/model/ops.py). For the shapes of training a small
+takes a slow generic path on AMD CPUs (see acornlm/accel/onednn.py). For the shapes of training a small
 model, e.g. minimind2-small at batch 8 x 256, doing the same arithmetic as a few large oneDNN
 products is faster: forward + backward of one layer's attention took ~17 instead of ~26 ms on the
 2-core benchmark machine, about 6% of the training step (benchmarks/README.md).
@@ -20,7 +20,8 @@ import functools
 
 import torch
 
-from acornlm.model import ops
+from acornlm.accel import onednn as ops
+from acornlm.model.transformer import sdpa_attention
 
 # Used when the stacked rows of one group (T x group) are at least MIN_ROWS, T is at most MAX_LEN,
 # and, for training, one layer's kept probabilities fit in MAX_KEPT_BYTES: with fewer rows the
@@ -129,3 +130,41 @@ def onednn_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return OneDNNCausalAttention.apply(q, k, v)
     return attention_forward(q, k, v, keep_probs=False)[0]
+
+
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q K^T / sqrt(d) + mask) V for one new token per row: a batched decode step.
+
+    q [B, heads, 1, D]; k, v [B, kv_heads, T, D]; mask [B, 1, 1, T] (True = may attend). The query
+    heads that share a KV head (GQA) are multiplied together as one [group, D] x [D, T] product. For
+    this shape plain matmuls beat the fused SDPA kernel on the CPU: in the engine's 16-row decode step
+    of minimind2-small, the 8 layers' attention took 1.7-3.2 ms instead of 2.3-4.1 ms (benchmarks/README.md).
+    Returns [B, heads, 1, D].
+    """
+    batch, heads, _, head_dim = q.shape
+    kv_heads = k.shape[1]
+    grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)
+    scores = torch.matmul(grouped, k.transpose(-1, -2)) * head_dim ** -0.5  # [B, kv_heads, group, T]
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return torch.matmul(weights, v).view(batch, heads, 1, head_dim)
+
+
+def is_batched_decode_step(q: torch.Tensor, mask: torch.Tensor | None, dropout: float) -> bool:
+    """One new token in each of several rows with a per-row key mask [B, 1, 1, S] (the engine's
+    continuous-batching decode step), on the CPU, without gradients."""
+    return (q.shape[2] == 1 and q.shape[0] > 1 and mask is not None and mask.dtype == torch.bool
+            and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1 and dropout == 0.0
+            and q.is_cpu and not (torch.is_grad_enabled() and q.requires_grad))
+
+
+def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  is_causal: bool, dropout: float) -> torch.Tensor:
+    """The reference `sdpa_attention` (acornlm/model/transformer.py), with the CPU's faster products
+    where they apply: oneDNN causal attention for training and scoring, grouped matmuls for the
+    engine's batched decode step. Registered as the "acornlm_cpu" attention by `accelerate`."""
+    if is_causal and mask is None and use_onednn_attention(q, k.shape[1], dropout):
+        return onednn_causal_attention(q, k, v)
+    if is_batched_decode_step(q, mask, dropout):
+        batch, heads, seq, head_dim = q.shape
+        return one_query_attention(q, k, v, mask).transpose(1, 2).reshape(batch, seq, heads * head_dim)
+    return sdpa_attention(q, k, v, mask, is_causal, dropout)

@@ -1,4 +1,4 @@
-"""Fast building blocks for the CPU: a Linear layer whose matrix multiplies run on oneDNN.
+"""The CPU's fast linear layers: matrix multiplies on oneDNN, and weights packed for decoding.
 
 Why: PyTorch multiplies fp32 matrices on the CPU with Intel MKL. On CPUs that MKL does not
 treat as Intel (AMD EPYC/Ryzen), MKL takes a generic code path without AVX-512, while oneDNN
@@ -8,15 +8,16 @@ faster in training and the one-token products of decoding about 1.6x faster (num
 benchmarks/README.md). The results are the same fp32 products summed in a different order
 (differences ~1e-6 relative).
 
-`Linear` is a drop-in `nn.Linear` (same parameters, names, init, `isinstance` checks), so
-checkpoints, weight tying and code that wraps linear layers keep working. It uses oneDNN only
-for fp32 tensors on the CPU and plain `F.linear` everywhere else (CUDA, bf16, a PyTorch built
-without oneDNN); set `acornlm.model.ops.USE_ONEDNN = False` to turn it off.
+`OneDNNLinear` is an `nn.Linear` (same parameters, names, init, `isinstance` checks): `accelerate`
+(acornlm/accel/__init__.py) turns the model's `nn.Linear` layers into it in place, so checkpoints,
+weight tying and code that wraps linear layers keep working. It uses oneDNN only for fp32 tensors
+on the CPU and plain `F.linear` everywhere else (CUDA, bf16, a PyTorch built without oneDNN); set
+`acornlm.accel.onednn.USE_ONEDNN = False` to turn it off.
 
 The product is registered as a PyTorch custom op (`acornlm::onednn_linear`) with its own
 backward, so autograd and torch.compile both see one opaque, differentiable operation.
 
-For generation, `pack_for_inference(model)` also keeps each weight in oneDNN's own blocked
+For generation, `pack_for_inference(model)` (accelerate's mode="infer") also keeps each weight in oneDNN's own blocked
 layout (`PackedWeight`), so oneDNN stops reordering it on every call. Decoding reads every
 weight once per token, and the packed products stream about 1.4x (fp32) to 2x (bf16) more bytes
 per second; the cost is a second copy of the linear weights in memory.
@@ -228,7 +229,7 @@ def uses_packed(x: torch.Tensor, layers: Sequence[nn.Linear]) -> bool:
     if not (USE_ONEDNN and x.is_cpu and x.dtype in PACKED_DTYPES and x.numel() > 0):
         return False
     for layer in layers:
-        if type(layer) is not Linear or layer.weight.dtype != x.dtype or not layer.weight.is_cpu:
+        if type(layer) is not OneDNNLinear or layer.weight.dtype != x.dtype or not layer.weight.is_cpu:
             return False
     if torch.is_grad_enabled() and any(needs_grad(x, layer.weight, layer.bias) for layer in layers):
         return False
@@ -253,7 +254,7 @@ def linears(x: torch.Tensor, layers: Sequence[nn.Linear], packed: PackedWeight |
     return packed_product(x, layers, packed)
 
 
-class Linear(nn.Linear):
+class OneDNNLinear(nn.Linear):
     """nn.Linear whose forward uses `linear` above, or a packed weight after `pack_for_inference`."""
 
     packed_weight: PackedWeight | None = None
@@ -266,19 +267,20 @@ class Linear(nn.Linear):
 
 class FusableLinears:
     """A module whose linear layers named in `fusable_linears` read the same input and may share
-    one packed weight (`fused_linears`, set by `pack_for_inference`), e.g. attention's q/k/v."""
+    one packed weight (`fused_linears`, set by `pack_for_inference`), e.g. attention's q/k/v
+    (see acornlm/accel/modules.py)."""
 
     fusable_linears: tuple[str, ...] = ()
     fused_linears: PackedWeight | None = None
 
 
 def can_fuse(layers: Sequence[nn.Module]) -> bool:
-    return (len(layers) > 1 and all(type(layer) is Linear for layer in layers)
+    return (len(layers) > 1 and all(type(layer) is OneDNNLinear for layer in layers)
             and len({(layer.weight.dtype, layer.weight.device, layer.bias is None) for layer in layers}) == 1)
 
 
 def pack_for_inference(model: nn.Module, enable: bool = True) -> nn.Module:
-    """Give every `Linear` of `model` a `PackedWeight`, and every group of fusable layers a shared
+    """Give every `OneDNNLinear` of `model` a `PackedWeight`, and every group of fusable layers a shared
     one (or take them away with enable=False); returns `model`.
 
     Gradients, CUDA, fp16 and torch.compile keep the plain path, so packing a model that is
@@ -291,7 +293,7 @@ def pack_for_inference(model: nn.Module, enable: bool = True) -> nn.Module:
     packs: list[tuple[PackedWeight, list[nn.Linear]]] = []
     fused: set[int] = set()
     for module in model.modules():
-        if isinstance(module, Linear):
+        if isinstance(module, OneDNNLinear):
             module.packed_weight = PackedWeight() if enable else None
         if isinstance(module, FusableLinears):
             group = [getattr(module, name, None) for name in module.fusable_linears]
@@ -300,7 +302,7 @@ def pack_for_inference(model: nn.Module, enable: bool = True) -> nn.Module:
                 packs.append((module.fused_linears, group))
                 fused.update(id(layer) for layer in group)
     packs += [(m.packed_weight, [m]) for m in model.modules()
-              if isinstance(m, Linear) and m.packed_weight is not None and id(m) not in fused]
+              if isinstance(m, OneDNNLinear) and m.packed_weight is not None and id(m) not in fused]
     with torch.no_grad():
         for packed, layers in packs:
             if packable(layers[0].weight):

@@ -5,7 +5,7 @@ Why: on the CPU these memory-bound steps cost what their passes over memory cost
 RoPE's `rotate_half` builds its rotated copy with chunk/neg/cat. Written out by hand, RMSNorm's
 forward + backward for an [8, 256, 512] activation took 2.8-3.4 instead of 6.8-7.5 ms, and RoPE's
 on the queries 1.0-1.3 instead of 2.5-2.8 ms (2-core benchmark machine; benchmarks/README.md). The
-formulas are the same as the plain code in acornlm/model/transformer.py, which CUDA, inference
+formulas are the same as the reference code in acornlm/model/transformer.py, which CUDA, inference
 and tracing keep using; tests check both give the same values and gradients.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from acornlm.model import ops
+from acornlm.accel import onednn as ops
 
 
 def use_manual_backward(*tensors: torch.Tensor) -> bool:
