@@ -5,7 +5,7 @@
     print(lm.generate("ROMEO:", max_new_tokens=50))
 """
 
-__version__ = "0.1.0"
+from acornlm.version import __version__
 
 
 def load(path, device: str = "auto", dtype=None, quantize: str = "none"):

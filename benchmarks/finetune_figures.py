@@ -1,12 +1,12 @@
 """Fine-tuning figures: SFT -> GRPO -> DPO on a small model, offline, on a CPU, in minutes.
 
-The pipeline is acornlm.train.pipeline, which `make demo` also runs after pretraining (with settings
+The pipeline is acornlm.cli.finetune_pipeline, which `make demo` also runs after pretraining (with settings
 re-tuned for its pretrained model in acornlm/cli/demo_finetune.py); the settings here are for:
 
   start  a BPE tokenizer (512 tokens) trained on the synthetic tasks' chats and a random 4-layer,
          128-wide model, or --init CKPT (e.g. the demo's pretrained model, same tokenizer needed
          for the tasks to tokenize well; any acornlm checkpoint works).
-  sft    full fine-tuning on every synthetic task (acornlm.eval.tasks), packed rows.
+  sft    full fine-tuning on every synthetic task (acornlm.data.tasks), packed rows.
          Figure: held-out exact-match accuracy per task before -> after.
   grpo   from the SFT model, on arithmetic prompts rewarded by the task's checker (1 if the
          answer is exactly right). Figure: held-out arithmetic accuracy (greedy) before -> after.
@@ -36,13 +36,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from acornlm.checkpoint import resolve_checkpoint, write_model_files  # noqa: E402
+from acornlm.cli.finetune_pipeline import PipelineSettings, load_average, run_pipeline  # noqa: E402
 from acornlm.data.chat import chat_text  # noqa: E402
-from acornlm.eval.tasks import make_dataset  # noqa: E402
+from acornlm.data.tasks import make_dataset  # noqa: E402
 from acornlm.model import ModelConfig, Transformer  # noqa: E402
+from acornlm.model.checkpoint import resolve_checkpoint, write_model_files  # noqa: E402
 from acornlm.tokenizer import train_tokenizer  # noqa: E402
 from acornlm.train.config import TrainConfig  # noqa: E402
-from acornlm.train.pipeline import PipelineSettings, load_average, run_pipeline  # noqa: E402
 
 # The settings of each stage (the figures in the module docstring come from these).
 START_MODEL = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from acornlm.checkpoint import load_model, resolve_checkpoint, write_model_files  # noqa: E402
 from acornlm.export.gguf import export_gguf  # noqa: E402
 from acornlm.model import ModelConfig, Transformer  # noqa: E402
+from acornlm.model.checkpoint import load_model, resolve_checkpoint, write_model_files  # noqa: E402
 from acornlm.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 STRINGS = [

@@ -51,9 +51,9 @@ def measure(settings: dict) -> dict:
     import torch
 
     from acornlm.model import ModelConfig, Transformer
+    from acornlm.model.lora import LoraConfig, apply_lora, parameter_counts
     from acornlm.presets import load_preset
     from acornlm.train.config import TrainConfig
-    from acornlm.train.lora import LoraConfig, apply_lora, parameter_counts
     from acornlm.train.optim import build_optimizer
     from acornlm.train.sft import assistant_token_loss
 

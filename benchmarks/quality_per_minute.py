@@ -45,7 +45,6 @@ import common
 import torch
 import torch.nn.functional as F
 
-from acornlm.checkpoint import load_model
 from acornlm.cli.demo import demo as demo_command
 from acornlm.cli.demo import estimate_steps
 from acornlm.data.corpus import iter_documents
@@ -53,6 +52,7 @@ from acornlm.data.loader import open_tokens, read_meta
 from acornlm.data.prepare import prepare_data
 from acornlm.data.shakespeare import fetch_shakespeare
 from acornlm.model import ModelConfig
+from acornlm.model.checkpoint import load_model
 from acornlm.presets import load_preset
 from acornlm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from acornlm.train.config import TrainConfig

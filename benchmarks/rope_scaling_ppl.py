@@ -36,12 +36,12 @@ import common
 import torch
 import torch.nn.functional as F
 
-from acornlm.checkpoint import load_model
 from acornlm.data.corpus import iter_documents
 from acornlm.data.loader import open_tokens, read_meta
 from acornlm.data.prepare import prepare_data
 from acornlm.data.shakespeare import fetch_shakespeare
 from acornlm.model import ModelConfig, Transformer
+from acornlm.model.checkpoint import load_model
 from acornlm.model.rope import extend_context
 from acornlm.tokenizer import train_tokenizer
 from acornlm.train.config import TrainConfig

@@ -49,8 +49,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, preset_config  # noqa: E402
 
-from acornlm.checkpoint import write_model_files  # noqa: E402
 from acornlm.model import Transformer  # noqa: E402
+from acornlm.model.checkpoint import write_model_files  # noqa: E402
 from acornlm.serve.engine_process import EngineSettings  # noqa: E402
 from acornlm.tokenizer import train_tokenizer  # noqa: E402
 

@@ -99,7 +99,7 @@ def test_packed_and_fused_projections_give_the_same_logits(family):
 
 @pytest.mark.skipif(not ops.ONEDNN_AVAILABLE, reason="this PyTorch build has no oneDNN")
 def test_lora_added_after_packing_is_not_bypassed():
-    from acornlm.train.lora import LoraConfig, apply_lora
+    from acornlm.model.lora import LoraConfig, apply_lora
 
     config = FAMILIES["llama"]()
     model = accelerate(build(config).eval(), mode="infer")

@@ -10,11 +10,11 @@ import shutil
 import pytest
 import torch
 
-import acornlm.checkpoint as checkpoint_module
-from acornlm.checkpoint import CONFIG_FILE, load_model, read_checkpoint_config, write_model_files
+import acornlm.model.checkpoint as checkpoint_module
 from acornlm.cli import main
 from acornlm.errors import CheckpointError
 from acornlm.model import ModelConfig, Transformer
+from acornlm.model.checkpoint import CONFIG_FILE, load_model, read_checkpoint_config, write_model_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

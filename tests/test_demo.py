@@ -3,8 +3,8 @@
 import pytest
 
 import acornlm
-from acornlm.checkpoint import resolve_checkpoint
 from acornlm.cli import main
+from acornlm.model.checkpoint import resolve_checkpoint
 
 
 def write_corpus(root):

@@ -65,10 +65,10 @@ def test_impossible_settings_are_config_errors(temperature, alpha):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A teacher and a student with the same tokenizer (different random weights), and chat data."""
-    from acornlm.checkpoint import write_model_files
     from acornlm.data.chat import chat_text
-    from acornlm.eval.tasks import make_dataset, write_jsonl
+    from acornlm.data.tasks import make_dataset, write_jsonl
     from acornlm.model import ModelConfig, Transformer
+    from acornlm.model.checkpoint import write_model_files
     from acornlm.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("distill")
@@ -98,9 +98,9 @@ def one_thread():
 
 def kl_to_teacher(student_dir, teacher_dir, data) -> float:
     """KL(teacher || student) at T=1 on the assistant tokens of the first chats."""
-    from acornlm.checkpoint import load_model
     from acornlm.data.conversations import load_conversations
     from acornlm.data.sft import IGNORE_INDEX, encode_conversations, row_tensors
+    from acornlm.model.checkpoint import load_model
     from acornlm.tokenizer import load_tokenizer
 
     student, _ = load_model(student_dir)
@@ -131,9 +131,9 @@ def test_distill_cli_moves_the_student_towards_the_teacher(checkpoints, tmp_path
 
 
 def test_teacher_with_another_tokenizer_is_refused(checkpoints, tmp_path):
-    from acornlm.checkpoint import write_model_files
     from acornlm.cli.align import distill
     from acornlm.model import ModelConfig, Transformer
+    from acornlm.model.checkpoint import write_model_files
     from acornlm.tokenizer import train_tokenizer
     from acornlm.train.config import TrainConfig
 

@@ -150,10 +150,10 @@ def test_invalid_json_names_the_line(tmp_path):
 
 def write_tiny_checkpoint(directory, seed: int = 0, tokenizer_dir=None):
     """A tiny random 'pretrained' checkpoint with a BPE tokenizer trained on the synthetic tasks' chats."""
-    from acornlm.checkpoint import write_model_files
     from acornlm.data.chat import chat_text
-    from acornlm.eval.tasks import make_dataset
+    from acornlm.data.tasks import make_dataset
     from acornlm.model import ModelConfig, Transformer
+    from acornlm.model.checkpoint import write_model_files
     from acornlm.tokenizer import load_tokenizer, train_tokenizer
 
     directory.mkdir(parents=True)
@@ -213,9 +213,9 @@ def test_encoded_pair_masks_only_the_final_answer(tiny_checkpoint):
 
 @pytest.mark.parametrize("precompute,lora_rank", [(True, 0), (False, 0), (False, 2)])
 def test_dpo_cli_trains_from_the_reference(tiny_checkpoint, tmp_path, precompute, lora_rank):
-    from acornlm.checkpoint import load_model
     from acornlm.cli.align import dpo
-    from acornlm.train.lora import LoraConfig, load_model_with_adapter
+    from acornlm.model.checkpoint import load_model
+    from acornlm.model.lora import LoraConfig, load_model_with_adapter
 
     out = tmp_path / "run"
     dpo(init=str(tiny_checkpoint), out=str(out), tasks="arithmetic,reverse", num_pairs=24, train=tiny_train(),
@@ -238,16 +238,16 @@ def test_dpo_cli_trains_from_the_reference(tiny_checkpoint, tmp_path, precompute
 def test_a_stage_after_lora_sft_starts_from_base_plus_adapter(tiny_checkpoint, tmp_path):
     """DPO and GRPO from a LoRA SFT run start from (and compare with) what SFT learned: the
     adapter merged into the base, not the frozen base stored next to the adapter."""
-    from acornlm.checkpoint import load_model
-    from acornlm.train.distributed import DistributedContext
-    from acornlm.train.dpo import build_policy, load_reference, resolve_start
-    from acornlm.train.lora import (
+    from acornlm.model.checkpoint import load_model
+    from acornlm.model.lora import (
         LoraConfig,
         apply_lora,
         load_model_with_adapter,
         lora_layers,
         write_lora_checkpoint,
     )
+    from acornlm.train.distributed import DistributedContext
+    from acornlm.train.dpo import build_policy, load_reference, resolve_start
 
     model, _ = load_model(tiny_checkpoint)
     apply_lora(model, LoraConfig(rank=2, alpha=4.0))

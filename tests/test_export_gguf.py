@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from acornlm.checkpoint import write_model_files
 from acornlm.errors import ConfigError
 from acornlm.model import ModelConfig, Transformer
+from acornlm.model.checkpoint import write_model_files
 from acornlm.tokenizer import train_tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -99,7 +99,7 @@ def read_tensors(reader) -> dict[str, np.ndarray]:
 
 
 def load_acornlm(ckpt: Path):
-    from acornlm.checkpoint import load_model
+    from acornlm.model.checkpoint import load_model
     return load_model(ckpt, dtype=torch.float32)[0]
 
 

@@ -11,7 +11,6 @@ import torch
 from safetensors import safe_open
 
 from acornlm import cli
-from acornlm.checkpoint import write_model_files
 from acornlm.errors import CheckpointError, ConfigError
 from acornlm.export import hf as hf_export
 from acornlm.export.hf import (
@@ -25,6 +24,7 @@ from acornlm.export.hf import (
     transformers_available,
 )
 from acornlm.model import ModelConfig, Transformer
+from acornlm.model.checkpoint import write_model_files
 from acornlm.tokenizer import train_tokenizer
 from acornlm.tokenizer.hf_config import render_chatml
 
@@ -97,7 +97,7 @@ def hf_logits(out: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 def acornlm_logits(ckpt: Path, ids: torch.Tensor) -> torch.Tensor:
-    from acornlm.checkpoint import load_model
+    from acornlm.model.checkpoint import load_model
 
     model, _ = load_model(ckpt)
     with torch.no_grad():

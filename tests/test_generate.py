@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import acornlm
-from acornlm.checkpoint import write_model_files
 from acornlm.cli import main
 from acornlm.cli.generate import generate as generate_cli
 from acornlm.cli.generate import unescape
@@ -24,6 +23,7 @@ from acornlm.infer.sampling import (
     draw_tokens,
 )
 from acornlm.model import ModelConfig, Transformer
+from acornlm.model.checkpoint import write_model_files
 from acornlm.tokenizer import train_tokenizer
 
 FAMILIES = {

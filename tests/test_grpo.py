@@ -101,10 +101,10 @@ def test_failing_reward_scores_zero_is_counted_and_shown_once():
 
 def write_tiny_checkpoint(directory, seed: int = 0):
     """A tiny random 'pretrained' checkpoint with a BPE tokenizer trained on the synthetic tasks' chats."""
-    from acornlm.checkpoint import write_model_files
     from acornlm.data.chat import chat_text
-    from acornlm.eval.tasks import make_dataset
+    from acornlm.data.tasks import make_dataset
     from acornlm.model import ModelConfig, Transformer
+    from acornlm.model.checkpoint import write_model_files
     from acornlm.tokenizer import train_tokenizer
 
     directory.mkdir(parents=True)
@@ -146,8 +146,8 @@ def read_metrics(run_dir):
 
 
 def test_batches_are_a_pure_function_of_the_step_with_normalised_groups(tiny_checkpoint):
-    from acornlm.checkpoint import load_model
     from acornlm.data.chat import IM_END_ID
+    from acornlm.model.checkpoint import load_model
     from acornlm.tokenizer import load_tokenizer
     from acornlm.train.grpo import GRPOBatches, task_prompt_records
 
@@ -173,7 +173,7 @@ def test_batches_are_a_pure_function_of_the_step_with_normalised_groups(tiny_che
 
 def test_grpo_cli_with_kl_starts_at_zero_kl_and_survives_a_failing_reward(tiny_checkpoint, tmp_path):
     from acornlm.cli.align import grpo
-    from acornlm.train.lora import LoraConfig, load_model_with_adapter
+    from acornlm.model.lora import LoraConfig, load_model_with_adapter
 
     rewards = tmp_path / "my_rewards.py"
     rewards.write_text("def flaky(completion, example):\n"
@@ -221,8 +221,8 @@ def test_bad_reward_specs_are_config_errors(tmp_path):
     (tmp_path / "r.py").write_text("x = 1\n")
     with pytest.raises(ConfigError, match="no function 'score'"):
         load_reward_functions(f"{tmp_path / 'r.py'}:score")
-    functions, names = load_reward_functions("task, acornlm.eval.tasks:exact_match")
-    assert names == ["task", "acornlm.eval.tasks:exact_match"] and len(functions) == 2
+    functions, names = load_reward_functions("task, acornlm.data.tasks:exact_match")
+    assert names == ["task", "acornlm.data.tasks:exact_match"] and len(functions) == 2
 
 
 def test_grpo_resume_is_bitwise_identical(tiny_checkpoint, tmp_path):

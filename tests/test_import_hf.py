@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 import acornlm
-from acornlm.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint, write_model_files
 from acornlm.errors import CheckpointError, ConfigError
 from acornlm.export.hf import export_hf
 from acornlm.export.hf_import import import_hf
 from acornlm.model import ModelConfig, Transformer
+from acornlm.model.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint, write_model_files
 from acornlm.tokenizer import train_tokenizer
 
 transformers = pytest.importorskip("transformers", reason="these tests build models with transformers")

@@ -9,12 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 import acornlm
-from acornlm.checkpoint import load_model
 from acornlm.errors import CheckpointError, ConfigError
 from acornlm.infer.api import LanguageModel
 from acornlm.model import ModelConfig, Transformer
-from acornlm.tokenizer import train_tokenizer
-from acornlm.train.lora import (
+from acornlm.model.checkpoint import load_model
+from acornlm.model.lora import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     LoraConfig,
@@ -26,6 +25,7 @@ from acornlm.train.lora import (
     save_adapter,
     write_lora_checkpoint,
 )
+from acornlm.tokenizer import train_tokenizer
 from acornlm.train.trainer import seed_everything
 
 VOCAB = 48
@@ -153,7 +153,7 @@ def lora_checkpoint(tmp_path) -> tuple[Transformer, object]:
 
 def test_checkpoint_holds_the_base_and_generation_works_unmerged(tmp_path):
     from acornlm.cli.finetune import lora_merge
-    from acornlm.train.lora import load_model_with_adapter
+    from acornlm.model.lora import load_model_with_adapter
 
     model, tokenizer = lora_checkpoint(tmp_path)
     base, _ = load_model(tmp_path / "ckpt")  # model.safetensors is the untouched base
@@ -186,7 +186,7 @@ def test_checkpoint_holds_the_base_and_generation_works_unmerged(tmp_path):
 
 
 def test_a_damaged_adapter_is_a_checkpoint_error(tmp_path):
-    from acornlm.train.lora import load_model_with_adapter
+    from acornlm.model.lora import load_model_with_adapter
 
     lora_checkpoint(tmp_path)
     config_file = tmp_path / "ckpt" / ADAPTER_CONFIG_FILE

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from acornlm.checkpoint import load_model, write_model_files
 from acornlm.errors import ConfigError
 from acornlm.model import ModelConfig, Transformer
+from acornlm.model.checkpoint import load_model, write_model_files
 from acornlm.model.moe import MoEFeedForward, load_balancing_loss
 from acornlm.presets import load_preset
 
@@ -172,7 +172,7 @@ def test_checkpoint_round_trip_keeps_stacked_experts(tmp_path):
 
 
 def test_lora_adapts_attention_and_shared_expert_but_not_routed_experts():
-    from acornlm.train.lora import LoraConfig, apply_lora, merge_lora
+    from acornlm.model.lora import LoraConfig, apply_lora, merge_lora
 
     model = moe_model()
     ids = torch.randint(0, 61, (1, 8))

@@ -8,12 +8,12 @@ from test_engine import Collector, run_until_idle
 from test_generate import checkpoint, random_ids, tiny_model, tokenizer  # noqa: F401 (fixtures)
 
 import acornlm
+from acornlm.accel.onednn import OneDNNLinear as Linear
 from acornlm.cli import main
 from acornlm.errors import ConfigError
 from acornlm.infer import SamplingParams, generate_tokens
 from acornlm.infer.engine import Engine
 from acornlm.infer.quantize import Int8Linear, quantize_model, quantize_rows
-from acornlm.accel.onednn import OneDNNLinear as Linear
 
 
 def test_rows_round_to_the_nearest_step_of_their_scale():
@@ -90,7 +90,7 @@ def test_bad_quantization_requests_are_refused(checkpoint, capsys):  # noqa: F81
         main(["generate", "--ckpt", str(run), "--prompt", "x", "--device", "cpu", "--quantize", "int4"])
     assert exit_info.value.code == 2 and "unknown quantization 'int4'" in capsys.readouterr().err
 
-    from acornlm.train.lora import LoraConfig, apply_lora
+    from acornlm.model.lora import LoraConfig, apply_lora
 
     model = tiny_model()
     apply_lora(model, LoraConfig(rank=2))

@@ -138,7 +138,7 @@ def fail_with(error: BaseException):
 def save_with_tokenizer_save(error: BaseException):
     """A stage's model writer that also saves a tokenizer with `Tokenizer.save`, whose Rust
     backend fails the way it does on a full disk (a bare Exception with the OS error inside)."""
-    from acornlm.checkpoint import write_model_files
+    from acornlm.model.checkpoint import write_model_files
     from acornlm.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(["a few words to train on, a few words"] * 4, "char", 40)
@@ -163,9 +163,9 @@ def disk_full_cases():
 
     rust = "No space left on device (os error 28)"
     return {
-        "weights (safetensors)": ("acornlm.checkpoint.save_file",
+        "weights (safetensors)": ("acornlm.model.checkpoint.save_file",
                                   SafetensorError(f"Error while serializing: I/O error: {rust}")),
-        "weights (OSError)": ("acornlm.checkpoint.save_file", OSError(errno.ENOSPC, "No space left on device")),
+        "weights (OSError)": ("acornlm.model.checkpoint.save_file", OSError(errno.ENOSPC, "No space left on device")),
         "train state (torch zip writer)": ("torch.save", RuntimeError(TORCH_DISK_FULL)),
         "train state (file write failed)": ("torch.save", RuntimeError(
             "PytorchStreamWriter failed writing file data/0: file write failed")),

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from acornlm.checkpoint import read_checkpoint_config, write_model_files
 from acornlm.errors import ConfigError
 from acornlm.model import ModelConfig, Transformer
+from acornlm.model.checkpoint import read_checkpoint_config, write_model_files
 from acornlm.model.rope import default_inv_freq, rope_inv_freq, rope_tables, yarn_inv_freq
 from acornlm.tokenizer import train_tokenizer
 
@@ -257,10 +257,10 @@ def test_old_type_key_and_default_are_understood():
 @pytest.mark.parametrize("kind", ["yarn", "dynamic"])
 def test_export_to_transformers_and_import_back(tmp_path, checkpoint, kind):
     pytest.importorskip("transformers")
-    from acornlm.checkpoint import load_model
     from acornlm.export.hf import export_hf
     from acornlm.export.hf_import import import_hf
     from acornlm.infer.api import LanguageModel
+    from acornlm.model.checkpoint import load_model
 
     lm = LanguageModel.from_checkpoint(checkpoint, device="cpu", rope_scaling={"rope_type": kind, "factor": 4})
     scaled = tmp_path / "scaled"

@@ -16,13 +16,13 @@ import openai
 import pytest
 import torch
 
-from acornlm.checkpoint import write_model_files
 from acornlm.data.chat import render_prompt
 from acornlm.errors import ConfigError
 from acornlm.infer.engine import Engine, EngineStopped
 from acornlm.infer.generate import generate_tokens
 from acornlm.infer.sampling import SamplingParams
 from acornlm.model import ModelConfig, Transformer
+from acornlm.model.checkpoint import write_model_files
 from acornlm.serve.app import create_app
 from acornlm.serve.engine_process import EngineProcess, EngineSettings
 from acornlm.serve.protocol import ServerLimits

@@ -11,17 +11,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from acornlm.checkpoint import write_model_files
 from acornlm.data.chat import chat_text, render_chat
 from acornlm.data.conversations import Conversation
 from acornlm.data.sft import IGNORE_INDEX, SFTBatches, encode_conversations, pack_examples, row_tensors
+from acornlm.data.tasks import make_dataset, make_examples, write_jsonl
 from acornlm.errors import ConfigError
-from acornlm.eval.tasks import evaluate_tasks, make_dataset, make_examples, write_jsonl
+from acornlm.eval.tasks import evaluate_tasks
 from acornlm.infer.api import LanguageModel
 from acornlm.model import ModelConfig, Transformer
+from acornlm.model.checkpoint import write_model_files
+from acornlm.model.lora import ADAPTER_WEIGHTS_FILE, LoraConfig, load_model_with_adapter
 from acornlm.tokenizer import load_tokenizer, train_tokenizer
 from acornlm.train.config import TrainConfig
-from acornlm.train.lora import ADAPTER_WEIGHTS_FILE, LoraConfig, load_model_with_adapter
 from acornlm.train.metrics import TIMING_FIELDS
 from acornlm.train.sft import assistant_token_loss, run_sft
 from acornlm.train.trainer import seed_everything

@@ -8,12 +8,9 @@ import pytest
 import torch
 
 from acornlm.data.conversations import load_conversations
-from acornlm.errors import ConfigError
-from acornlm.eval import tasks as task_module
-from acornlm.eval.tasks import (
+from acornlm.data.tasks import (
     IDENTITY_ANSWER,
     TASKS,
-    evaluate_tasks,
     exact_match,
     make_dataset,
     make_examples,
@@ -21,6 +18,9 @@ from acornlm.eval.tasks import (
     split_of,
     write_jsonl,
 )
+from acornlm.errors import ConfigError
+from acornlm.eval import tasks as task_module
+from acornlm.eval.tasks import evaluate_tasks
 
 
 @pytest.fixture(autouse=True, scope="module")

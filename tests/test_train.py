@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from acornlm.checkpoint import load_model
 from acornlm.cli import main
 from acornlm.errors import CheckpointError, ConfigError, DataError
 from acornlm.model import ModelConfig, Transformer
+from acornlm.model.checkpoint import load_model
 from acornlm.presets import load_preset
 from acornlm.train import checkpointing
 from acornlm.train.config import TrainConfig

@@ -10,8 +10,8 @@ import sys
 from typing import Any, Literal
 
 from acornlm.errors import ConfigError
+from acornlm.model.lora import LoraConfig
 from acornlm.train.config import TrainConfig
-from acornlm.train.lora import LoraConfig
 
 # The defaults are the settings of benchmarks/finetune_figures.py, tuned on the small CPU models.
 # Preference tuning moves a trained model a little: few steps, a cosine-decayed learning rate.

@@ -1,6 +1,6 @@
 """The fine-tuning half of `acornlm demo`: SFT (full or LoRA) -> GRPO -> DPO on the synthetic tasks.
 
-The pipeline is `acornlm.train.pipeline` (the same stage functions as `acornlm train sft|grpo|dpo`);
+The pipeline is `acornlm.cli.finetune_pipeline` (the same stage functions as `acornlm train sft|grpo|dpo`);
 this file sizes it to the demo's wall-clock budget and reports its figures. The settings are those
 of benchmarks/finetune_figures.py, re-tuned for the pretrained cpu-demo model (4 x 192, BPE 4096
 trained on Shakespeare: digits are single tokens) on 2 CPU cores shared with other work (load 0.5-6):
@@ -36,11 +36,17 @@ from pathlib import Path
 from typing import Any
 
 from acornlm.cli.demo import estimate_steps, say
+from acornlm.cli.finetune_pipeline import (
+    PipelineSettings,
+    default_dpo,
+    default_grpo,
+    format_accuracy,
+    run_pipeline,
+)
 from acornlm.errors import ConfigError
 from acornlm.model import ModelConfig
+from acornlm.model.lora import LoraConfig
 from acornlm.train.config import TrainConfig
-from acornlm.train.lora import LoraConfig
-from acornlm.train.pipeline import PipelineSettings, default_dpo, default_grpo, format_accuracy, run_pipeline
 
 FINETUNE_MODES = ("full", "lora", "none")
 # Shares of the fine-tuning budget; the rest goes to the before/after evaluations.

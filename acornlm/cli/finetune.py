@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from acornlm.errors import ConfigError
+from acornlm.model.lora import LoraConfig
 from acornlm.train.config import TrainConfig
-from acornlm.train.lora import LoraConfig
 
 # Fine-tuning starts from a trained model: fewer steps and a gentler learning rate than pretraining.
 DEFAULT_SFT_TRAIN = TrainConfig(max_steps=1000, batch_size=16, seq_len=256, learning_rate=5e-4, min_lr=5e-5,
@@ -67,8 +67,8 @@ def lora_merge(ckpt: str | None = None, out: str | None = None) -> None:
         ckpt: A checkpoint (or run directory) holding adapter_model.safetensors and adapter_config.json.
         out: Directory for the merged checkpoint (must not exist yet, or be empty).
     """
-    from acornlm.checkpoint import CONFIG_FILE, resolve_checkpoint, write_model_files
-    from acornlm.train.lora import ADAPTER_CONFIG_FILE, load_model_with_adapter, merge_lora
+    from acornlm.model.checkpoint import CONFIG_FILE, resolve_checkpoint, write_model_files
+    from acornlm.model.lora import ADAPTER_CONFIG_FILE, load_model_with_adapter, merge_lora
 
     if ckpt is None:
         raise ConfigError("--ckpt is required: the LoRA checkpoint or run directory")
@@ -104,11 +104,12 @@ def eval_tasks(ckpt: str | None = None, tasks: str = "all", n: int = 50, seed: i
         show: Print this many (prompt, expected, reply) examples per task.
         json_output: Print the accuracies as one JSON object instead of a table.
     """
-    from acornlm.checkpoint import resolve_checkpoint
-    from acornlm.eval.tasks import evaluate_tasks, parse_tasks
+    from acornlm.data.tasks import parse_tasks
+    from acornlm.eval.tasks import evaluate_tasks
     from acornlm.infer.api import LanguageModel, resolve_device
+    from acornlm.model.checkpoint import resolve_checkpoint
+    from acornlm.model.lora import load_model_with_adapter
     from acornlm.tokenizer import load_tokenizer
-    from acornlm.train.lora import load_model_with_adapter
 
     if ckpt is None:
         raise ConfigError("--ckpt is required: the checkpoint or run directory to evaluate")
@@ -146,7 +147,7 @@ def synth(out: str | None = None, tasks: str = "all", n: int = 1000, seed: int =
         seed: Seed; the same seed writes the same file.
         split: "train" or "heldout".
     """
-    from acornlm.eval.tasks import make_dataset, write_jsonl
+    from acornlm.data.tasks import make_dataset, write_jsonl
 
     if out is None:
         raise ConfigError("--out is required: the .jsonl file to write")

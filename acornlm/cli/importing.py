@@ -20,8 +20,8 @@ def hf(model: str | None = None, out: str | None = None, force: bool = False) ->
         out: Checkpoint directory to create; usable by `acornlm generate` and `acornlm export`.
         force: Replace --out if it exists.
     """
-    from acornlm.checkpoint import read_checkpoint_config
     from acornlm.export.hf_import import import_hf
+    from acornlm.model.checkpoint import read_checkpoint_config
 
     if model is None:
         raise ConfigError("--model is required: a local Hugging Face model folder")

@@ -45,8 +45,8 @@ from acornlm.data.conversations import (
     parse_alpaca,
     parse_messages,
 )
+from acornlm.data.tasks import TaskExample
 from acornlm.errors import DataError
-from acornlm.eval.tasks import TaskExample
 from acornlm.tokenizer import Tokenizer
 
 PREFERENCE_FORMATS = {
@@ -288,7 +288,7 @@ def fit_pair(pair: EncodedPair, max_length: int) -> EncodedPair | None:
 # --- synthetic pairs: the right answer beats a wrong one ---
 
 def synthetic_preference_pairs(examples: Sequence[TaskExample], seed: int) -> list[PreferencePair]:
-    """Pairs from synthetic task examples (acornlm.eval.tasks): chosen = the correct answer,
+    """Pairs from synthetic task examples (acornlm.data.tasks): chosen = the correct answer,
     rejected = the answer of another example of the same task that differs from it (the right
     form, the wrong content), picked with a generator seeded by `seed`."""
     rng = random.Random(seed)

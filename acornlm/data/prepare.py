@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-import acornlm
 from acornlm.data.corpus import Document, Errors, iter_documents
 from acornlm.errors import ConfigError, DataError
+from acornlm.tokenizer import load_tokenizer
+from acornlm.version import __version__
 
 META_FILE = "meta.json"
 TOKENIZER_SUBDIR = "tokenizer"
@@ -52,8 +53,6 @@ def prepare_data(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out: s
 
     `workers`: 0 = one process per CPU core; 1 = tokenize in this process; N = N worker processes.
     """
-    from acornlm.tokenizer import load_tokenizer
-
     train_inputs, val_inputs = resolve_split_inputs(inputs, val_inputs, val_fraction)
     tokenizer = load_tokenizer(tokenizer_dir)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -82,7 +81,7 @@ def prepare_data(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out: s
     meta = {
         "format": "acornlm-data",
         "version": 1,
-        "acornlm_version": acornlm.__version__,
+        "acornlm_version": __version__,
         "tokenizer": {"fingerprint": tokenizer.fingerprint, "kind": tokenizer.kind,
                       "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id},
         "dtype": np.dtype(dtype).name,
@@ -185,7 +184,6 @@ def _start_worker(tokenizer_dir: str, dtype: type) -> None:
     """Pool initializer: load the tokenizer once per worker; the processes are the parallelism."""
     global _worker_tokenizer, _worker_dtype
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from acornlm.tokenizer import load_tokenizer
 
     _worker_tokenizer, _worker_dtype = load_tokenizer(tokenizer_dir), dtype
 

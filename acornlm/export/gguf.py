@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from acornlm.checkpoint import load_model, resolve_checkpoint
 from acornlm.errors import CheckpointError, ConfigError
 from acornlm.export.gguf_moe import choose_moe_gguf_architecture, moe_layer_tensors, write_moe_hyperparameters
 from acornlm.model import ModelConfig, Transformer
+from acornlm.model.checkpoint import load_model, resolve_checkpoint
 from acornlm.tokenizer import Tokenizer, load_tokenizer
 
 # --type -> (the type of weight matrices, llama.cpp's general.file_type). Norms, biases and

@@ -38,14 +38,6 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from acornlm.checkpoint import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    load_model,
-    model_state_for_saving,
-    read_checkpoint_config,
-    resolve_checkpoint,
-)
 from acornlm.errors import CheckpointError, ConfigError
 from acornlm.export.hf_moe import (
     MOE_MODEL_TYPES,
@@ -55,8 +47,19 @@ from acornlm.export.hf_moe import (
     moe_weights_to_hf,
 )
 from acornlm.export.model_card import model_card
+from acornlm.infer.generate import generate_tokens
+from acornlm.infer.sampling import SamplingParams
 from acornlm.model import ModelConfig, Transformer
+from acornlm.model.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_model,
+    model_state_for_saving,
+    read_checkpoint_config,
+    resolve_checkpoint,
+)
 from acornlm.model.rope import normalize_rope_scaling
+from acornlm.tokenizer.hf_config import CHATML_TEMPLATE
 from acornlm.tokenizer.special_tokens import EOT_TOKEN, IM_END_TOKEN
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -479,8 +482,6 @@ def write_tokenizer_files(ckpt: Path, out: Path, context_length: int) -> None:
     if "chat_template" not in config and template_file.is_file():
         config["chat_template"] = template_file.read_text(encoding="utf-8")
     if "chat_template" not in config:
-        from acornlm.tokenizer.hf_config import CHATML_TEMPLATE
-
         config["chat_template"] = CHATML_TEMPLATE
     (out / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                              encoding="utf-8")
@@ -533,8 +534,6 @@ def verify_export(out: Path, model: Transformer, prompt_text: str, prompt_ids: l
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from acornlm.infer.generate import generate_tokens
-    from acornlm.infer.sampling import SamplingParams
 
     version = tuple(int(part) for part in transformers.__version__.split(".")[:2])
     dtype_key = "dtype" if version >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56

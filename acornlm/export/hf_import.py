@@ -28,7 +28,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from acornlm.checkpoint import read_json_config, write_model_files
 from acornlm.errors import AcornError, CheckpointError, ConfigError
 from acornlm.export.hf import (
     CHAT_TEMPLATE_FILE,
@@ -43,8 +42,10 @@ from acornlm.export.hf import (
 )
 from acornlm.export.hf_moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE, moe_fields_from_hf, qwen2_moe_attention_bias
 from acornlm.model import ModelConfig, Transformer
+from acornlm.model.checkpoint import read_json_config, write_model_files
 from acornlm.model.rope import REQUIRED_KEYS as REQUIRED_ROPE_KEYS
 from acornlm.model.rope import normalize_rope_scaling
+from acornlm.tokenizer import load_tokenizer
 
 MISTRAL, QWEN2 = "MistralForCausalLM", "Qwen2ForCausalLM"
 MOE = (QWEN2_MOE, QWEN3_MOE, MIXTRAL)  # acornlm.export.hf_moe
@@ -366,8 +367,6 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], source: Pat
 
 def tokenizer_info(model_dir: Path, vocab_size: int) -> tuple[dict[str, Any] | None, str | None]:
     """(acornlm's tokenizer record, None) when acornlm can use the folder's tokenizer, else (None, why not)."""
-    from acornlm.tokenizer import load_tokenizer
-
     if not (model_dir / TOKENIZER_FILE).is_file():
         return None, (f"{model_dir} holds no {TOKENIZER_FILE} (a slow tokenizer only?); convert it with "
                       "transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")

@@ -19,12 +19,14 @@ from typing import Any
 import torch
 
 from acornlm.accel import accelerate
-from acornlm.checkpoint import resolve_checkpoint
 from acornlm.errors import CheckpointError, ConfigError
 from acornlm.infer.generate import generate_batch
+from acornlm.infer.quantize import quantize_model
 from acornlm.infer.sampling import SamplingParams
 from acornlm.infer.streaming import StreamingDetokenizer
 from acornlm.model import Transformer
+from acornlm.model.checkpoint import resolve_checkpoint
+from acornlm.model.lora import load_model_with_adapter
 from acornlm.model.rope import extend_context
 from acornlm.tokenizer import Tokenizer, load_tokenizer
 
@@ -87,8 +89,6 @@ class LanguageModel:
         `rope_scaling` ({"rope_type": "yarn", "factor": 4}, also "linear" or "dynamic") and
         `max_position_embeddings` run the model beyond its trained length (see `acornlm.model.rope`).
         """
-        from acornlm.infer.quantize import quantize_model
-        from acornlm.train.lora import load_model_with_adapter
 
         ckpt_dir = resolve_checkpoint(path)
         model, info = load_model_with_adapter(ckpt_dir, device=resolve_device(device), dtype=resolve_dtype(dtype))

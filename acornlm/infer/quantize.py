@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from acornlm.errors import ConfigError
+from acornlm.model.lora import LoraLinear
 
 QUANTIZATIONS = ("none", "int8")
 INT8_MAX = 127
@@ -81,7 +82,6 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
         return model
     if not hasattr(torch, "_weight_int8pack_mm"):
         raise ConfigError("int8 quantization needs torch >= 2.4 (torch._weight_int8pack_mm)")
-    from acornlm.train.lora import LoraLinear
 
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise ConfigError("int8 quantization of a model with an unmerged LoRA adapter: merge it first "

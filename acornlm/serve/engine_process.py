@@ -33,10 +33,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from acornlm.allocator import keep_freed_memory
 from acornlm.errors import AcornError, ConfigError
 from acornlm.infer.engine import Engine, EngineFull, EngineStopped, Event, check_prompt, make_sampler
 from acornlm.infer.sampling import SamplingParams
+from acornlm.serve.server import load_engine
 from acornlm.tokenizer import Tokenizer
 
 START_TIMEOUT_S = 600.0  # loading a large checkpoint can take minutes
@@ -59,10 +62,6 @@ class EngineSettings:
 
     def load(self) -> Engine:
         """The engine (not started), in this process; sets this process's PyTorch threads."""
-        import torch
-
-        from acornlm.serve.server import load_engine
-
         if self.threads:
             torch.set_num_threads(self.threads)
         return load_engine(self.ckpt, device=self.device, dtype=self.dtype, max_batch=self.max_batch,

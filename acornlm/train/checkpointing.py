@@ -25,15 +25,15 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from acornlm.checkpoint import (
+from acornlm.errors import CheckpointError, DiskFullError
+from acornlm.model import Transformer
+from acornlm.model.checkpoint import (
     CONFIG_FILE,
     LATEST_FILE,
     TRAIN_STATE_FILE,
     atomic_write_text,
     write_model_files,
 )
-from acornlm.errors import CheckpointError, DiskFullError
-from acornlm.model import Transformer
 
 CHECKPOINTS_DIR = "checkpoints"
 BEST_FILE = "best"

@@ -24,17 +24,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from acornlm.accel import accelerate
-from acornlm.checkpoint import resolve_checkpoint
 from acornlm.data.conversations import load_conversations
 from acornlm.data.sft import IGNORE_INDEX, SFTBatches, encode_conversations
 from acornlm.errors import ConfigError
 from acornlm.model import Transformer
+from acornlm.model.checkpoint import resolve_checkpoint
+from acornlm.model.lora import LoraConfig, load_model_with_adapter
 from acornlm.paths import as_path_list
 from acornlm.tokenizer import Tokenizer, load_tokenizer
 from acornlm.train import distributed
 from acornlm.train.config import TrainConfig
 from acornlm.train.dpo import MeanMetrics, build_policy, final_metrics, resolve_start
-from acornlm.train.lora import LoraConfig, load_model_with_adapter
 from acornlm.train.sft import split_conversations
 from acornlm.train.trainer import Trainer
 

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from acornlm.errors import ConfigError
+from acornlm.train.precision import select_device
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,6 @@ def log(message: str, context: DistributedContext) -> None:
 
 def setup(device_name: str) -> tuple[DistributedContext, torch.device]:
     """Pick this process's device (GPU LOCAL_RANK under torchrun) and join the process group."""
-    from acornlm.train.precision import select_device
-
     local_rank = _env_int("LOCAL_RANK") if launched_by_torchrun() else 0
     device = select_device(device_name, local_rank)
     return init_distributed(device), device

@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from acornlm.accel import accelerate
-from acornlm.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint, write_model_files
 from acornlm.data.preferences import (
     EncodedPair,
     PreferencePair,
@@ -51,15 +50,11 @@ from acornlm.data.preferences import (
     load_preference_pairs,
     synthetic_preference_pairs,
 )
+from acornlm.data.tasks import make_dataset
 from acornlm.errors import CheckpointError, ConfigError, DataError
-from acornlm.eval.tasks import make_dataset
 from acornlm.model import ModelConfig, Transformer
-from acornlm.paths import as_path_list
-from acornlm.tokenizer import Tokenizer, load_tokenizer
-from acornlm.train import distributed
-from acornlm.train.checkpointing import remove_abandoned
-from acornlm.train.config import TrainConfig
-from acornlm.train.lora import (
+from acornlm.model.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint, write_model_files
+from acornlm.model.lora import (
     LoraConfig,
     apply_lora,
     base_model_view,
@@ -70,6 +65,11 @@ from acornlm.train.lora import (
     parameter_counts,
     write_lora_checkpoint,
 )
+from acornlm.paths import as_path_list
+from acornlm.tokenizer import Tokenizer, load_tokenizer
+from acornlm.train import distributed
+from acornlm.train.checkpointing import remove_abandoned
+from acornlm.train.config import TrainConfig
 from acornlm.train.metrics import METRICS_FILE, read_metrics
 from acornlm.train.precision import select_precision
 from acornlm.train.pretrain import check_context_length, find_resume_checkpoint

@@ -35,11 +35,12 @@ from torch import nn
 
 from acornlm.data.chat import IM_END_ID, message_problem, render_prompt
 from acornlm.data.conversations import data_files, describe_keys, iter_records, parse_messages
+from acornlm.data.tasks import TASKS, make_dataset
 from acornlm.errors import ConfigError, DataError
-from acornlm.eval.tasks import TASKS, make_dataset
 from acornlm.infer.generate import generate_batch
 from acornlm.infer.sampling import SamplingParams
 from acornlm.model import Transformer
+from acornlm.model.lora import LoraConfig, base_model_view
 from acornlm.paths import as_path_list
 from acornlm.tokenizer import Tokenizer
 from acornlm.train import distributed
@@ -55,7 +56,6 @@ from acornlm.train.dpo import (
     resolve_start,
     token_logprobs,
 )
-from acornlm.train.lora import LoraConfig, base_model_view
 from acornlm.train.sft import split_conversations
 from acornlm.train.trainer import Trainer
 
@@ -182,7 +182,7 @@ class RewardRunner:
 
 
 def task_reward(completion: str, example: dict[str, Any]) -> float:
-    """The verifiable reward of acornlm.eval.tasks: 1 when the task's checker accepts the answer, else 0."""
+    """The verifiable reward of acornlm.data.tasks: 1 when the task's checker accepts the answer, else 0."""
     task, answer = example.get("task"), example.get("answer")
     if task not in TASKS or not isinstance(answer, str):
         raise ValueError(f"the `task` reward needs a known `task` ({', '.join(TASKS)}) and an `answer` string "
@@ -196,7 +196,7 @@ BUILTIN_REWARDS: dict[str, RewardFunction] = {"task": task_reward}
 def load_reward_functions(spec: str) -> tuple[list[RewardFunction], list[str]]:
     """Reward functions from a comma-separated spec; their rewards are summed.
 
-    Each item is `task` (the checkers of acornlm.eval.tasks), `package.module:function` or
+    Each item is `task` (the checkers of acornlm.data.tasks), `package.module:function` or
     `path/to/file.py:function`. A function takes (completion text, prompt record) and returns a number.
     """
     functions, names = [], []
@@ -272,7 +272,7 @@ def load_prompt_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
 
 
 def task_prompt_records(tasks: str, count: int, seed: int, split: str) -> list[dict[str, Any]]:
-    """`count` prompts per task from acornlm.eval.tasks (`split` "train" or "heldout"), with answers."""
+    """`count` prompts per task from acornlm.data.tasks (`split` "train" or "heldout"), with answers."""
     return [{"messages": example.messages(with_answer=False), "prompt": example.prompt,
              "answer": example.answer, "task": example.task}
             for example in make_dataset(tasks, count, seed, split)]

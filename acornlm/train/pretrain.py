@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acornlm.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint
 from acornlm.data.loader import TokenLoader, check_tokenizer, read_meta
 from acornlm.data.prepare import TOKENIZER_SUBDIR
 from acornlm.errors import CheckpointError, ConfigError
 from acornlm.model import ModelConfig, Transformer
+from acornlm.model.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint
 from acornlm.tokenizer import Tokenizer, load_tokenizer
 from acornlm.train import distributed
 from acornlm.train.checkpointing import list_checkpoints, read_pointer, remove_abandoned

@@ -10,7 +10,7 @@ Like pretraining, the stage only prepares things and hands the generic Trainer i
 (`acornlm.data.sft.SFTBatches`) and its loss (`assistant_token_loss`); the Trainer does the loop,
 checkpoints, metrics and exact resume. With LoRA, only the adapters are trainable (so the
 optimizer holds only them) and checkpoints store the frozen base weights plus the adapter files
-in the PEFT layout (`acornlm.train.lora.write_lora_checkpoint`).
+in the PEFT layout (`acornlm.model.lora.write_lora_checkpoint`).
 
 Every problem with the inputs (no --init, a dataset that cannot be read, a context longer than
 the model's, a resumed run with other LoRA settings) is found before any model is built.
@@ -28,17 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acornlm.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint, write_model_files
 from acornlm.data.conversations import Conversation, load_conversations
 from acornlm.data.sft import IGNORE_INDEX, TRUNCATION, SFTBatches, encode_conversations
 from acornlm.errors import CheckpointError, ConfigError
 from acornlm.model import ModelConfig
-from acornlm.paths import as_path_list
-from acornlm.tokenizer import load_tokenizer
-from acornlm.train import distributed
-from acornlm.train.checkpointing import remove_abandoned
-from acornlm.train.config import TrainConfig
-from acornlm.train.lora import (
+from acornlm.model.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint, write_model_files
+from acornlm.model.lora import (
     LoraConfig,
     apply_lora,
     enable_adapter_training,
@@ -46,6 +41,11 @@ from acornlm.train.lora import (
     parameter_counts,
     write_lora_checkpoint,
 )
+from acornlm.paths import as_path_list
+from acornlm.tokenizer import load_tokenizer
+from acornlm.train import distributed
+from acornlm.train.checkpointing import remove_abandoned
+from acornlm.train.config import TrainConfig
 from acornlm.train.pretrain import check_context_length, find_resume_checkpoint
 from acornlm.train.trainer import Trainer, seed_everything
 

@@ -39,9 +39,9 @@ from tqdm import tqdm
 
 from acornlm.accel import accelerate
 from acornlm.allocator import keep_freed_memory
-from acornlm.checkpoint import write_model_files
 from acornlm.errors import AcornError, CheckpointError
 from acornlm.model import Transformer
+from acornlm.model.checkpoint import write_model_files
 from acornlm.train.checkpointing import (
     capture_rng_state,
     checkpoint_name,

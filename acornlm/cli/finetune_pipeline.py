@@ -1,6 +1,6 @@
 """The fine-tuning pipeline after pretraining, with the figures that show each stage helped.
 
-    sft   every synthetic task (acornlm.eval.tasks)     -> held-out exact-match accuracy per task, before/after
+    sft   every synthetic task (acornlm.data.tasks)     -> held-out exact-match accuracy per task, before/after
     grpo  arithmetic, rewarded by the task's checker     -> held-out arithmetic accuracy (greedy), before/after
     dpo   synthetic pairs: the right answer beats another -> held-out preference accuracy of the implicit
           question's answer                                 reward beta*log(pi/pi_ref), and how often the
@@ -30,12 +30,13 @@ from typing import Any
 
 import torch
 
-from acornlm.checkpoint import resolve_checkpoint
 from acornlm.data.preferences import synthetic_preference_pairs
+from acornlm.data.tasks import make_dataset, write_jsonl
 from acornlm.errors import ConfigError
-from acornlm.eval.tasks import evaluate_tasks, make_dataset, write_jsonl
+from acornlm.eval.tasks import evaluate_tasks
+from acornlm.model.checkpoint import resolve_checkpoint
+from acornlm.model.lora import LoraConfig
 from acornlm.train.config import TrainConfig
-from acornlm.train.lora import LoraConfig
 
 STAGES = ("sft", "grpo", "dpo")
 Log = Callable[[str], None]
@@ -90,8 +91,8 @@ def task_accuracy(checkpoint: str | Path, tasks: str, n: int, seed: int = 0) -> 
     """Held-out exact-match accuracy per task of a checkpoint (with its LoRA adapter, if any), as
     `acornlm eval tasks` measures it."""
     from acornlm.infer.api import LanguageModel
+    from acornlm.model.lora import load_model_with_adapter
     from acornlm.tokenizer import load_tokenizer
-    from acornlm.train.lora import load_model_with_adapter
 
     checkpoint = resolve_checkpoint(checkpoint)
     model, info = load_model_with_adapter(checkpoint)
@@ -103,9 +104,9 @@ def preference_ranking(policy: str | Path, reference: str | Path, tasks: str, n:
     """On `n` held-out synthetic pairs per task: how often DPO's implicit reward
     beta*log(pi/pi_ref) is higher for the right answer (the preference accuracy; the sign does not
     depend on beta), and how often each model's own log-prob favours the right answer."""
+    from acornlm.model.lora import load_model_with_adapter
     from acornlm.tokenizer import load_tokenizer
     from acornlm.train.dpo import encode_pairs, precompute_reference_logps
-    from acornlm.train.lora import load_model_with_adapter
 
     policy, reference = resolve_checkpoint(policy), resolve_checkpoint(reference)
     tokenizer = load_tokenizer(reference)

@@ -27,7 +27,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from acornlm.errors import CheckpointError, ConfigError
-from acornlm.model import ModelConfig, Transformer
+from acornlm.model.config import ModelConfig
+from acornlm.model.transformer import Transformer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

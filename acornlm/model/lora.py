@@ -2,7 +2,7 @@
 
 Interface (used by the SFT, DPO, GRPO and distillation stages and by `acornlm lora merge`):
 
-    from acornlm.train.lora import LoraConfig, apply_lora, save_adapter, load_model_with_adapter, merge_lora
+    from acornlm.model.lora import LoraConfig, apply_lora, save_adapter, load_model_with_adapter, merge_lora
 
     wrapped = apply_lora(model, LoraConfig(rank=8, alpha=16, targets="q_proj,v_proj"))  # freezes the rest
     save_adapter(model, "out/", base_model_name_or_path="runs/pretrain")  # PEFT files
@@ -39,9 +39,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from acornlm.checkpoint import load_model, resolve_checkpoint, write_model_files
 from acornlm.errors import CheckpointError, ConfigError
-from acornlm.model import Transformer
+from acornlm.model.checkpoint import load_model, resolve_checkpoint, write_model_files
+from acornlm.model.transformer import Transformer
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
