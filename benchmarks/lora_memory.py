@@ -54,8 +54,8 @@ def measure(settings: dict) -> dict:
     from acornlm.model.lora import LoraConfig, apply_lora, parameter_counts
     from acornlm.presets import load_preset
     from acornlm.train.config import TrainConfig
+    from acornlm.train.losses import assistant_token_loss
     from acornlm.train.optim import build_optimizer
-    from acornlm.train.sft import assistant_token_loss
 
     torch.set_num_threads(settings["threads"])
     torch.manual_seed(0)

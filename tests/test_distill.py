@@ -9,12 +9,8 @@ import pytest
 import torch
 
 from acornlm.errors import ConfigError
-from acornlm.train.distill import (
-    check_distill_settings,
-    distillation_kl,
-    distillation_loss,
-    masked_cross_entropy,
-)
+from acornlm.train.distill import check_distill_settings, distillation_loss
+from acornlm.train.losses import distillation_kl, masked_cross_entropy
 
 
 def softmax(values, temperature):

@@ -10,7 +10,8 @@ import torch
 
 from acornlm.data.preferences import detect_preference_format, load_preference_pairs
 from acornlm.errors import ConfigError, DataError
-from acornlm.train.dpo import check_dpo_settings, dpo_loss, sequence_logprobs
+from acornlm.train.dpo import check_dpo_settings, dpo_loss
+from acornlm.train.losses import sequence_logprobs
 
 
 def log_sigmoid(x: float) -> float:
@@ -247,7 +248,7 @@ def test_a_stage_after_lora_sft_starts_from_base_plus_adapter(tiny_checkpoint, t
         write_lora_checkpoint,
     )
     from acornlm.train.distributed import DistributedContext
-    from acornlm.train.dpo import build_policy, load_reference, resolve_start
+    from acornlm.train.stage import build_policy, load_reference, resolve_start
 
     model, _ = load_model(tiny_checkpoint)
     apply_lora(model, LoraConfig(rank=2, alpha=4.0))

@@ -8,7 +8,9 @@ import statistics
 import pytest
 import torch
 
-from acornlm.train.grpo import RewardRunner, group_advantages, grpo_loss, kl_k3
+from acornlm.train.grpo import group_advantages, grpo_loss
+from acornlm.train.losses import kl_k3
+from acornlm.train.rewards import RewardRunner
 
 
 def test_advantages_are_normalised_within_each_group():
@@ -147,9 +149,10 @@ def read_metrics(run_dir):
 
 def test_batches_are_a_pure_function_of_the_step_with_normalised_groups(tiny_checkpoint):
     from acornlm.data.chat import IM_END_ID
+    from acornlm.data.prompts import task_prompt_records
     from acornlm.model.checkpoint import load_model
     from acornlm.tokenizer import load_tokenizer
-    from acornlm.train.grpo import GRPOBatches, task_prompt_records
+    from acornlm.train.grpo import GRPOBatches
 
     model, _ = load_model(tiny_checkpoint)
     tokenizer = load_tokenizer(tiny_checkpoint)
@@ -212,7 +215,7 @@ def test_grpo_raises_a_simple_reward(tiny_checkpoint, tmp_path):
 
 def test_bad_reward_specs_are_config_errors(tmp_path):
     from acornlm.errors import ConfigError
-    from acornlm.train.grpo import load_reward_functions
+    from acornlm.train.rewards import load_reward_functions
 
     with pytest.raises(ConfigError, match="neither a built-in reward"):
         load_reward_functions("accuracy")

@@ -271,7 +271,7 @@ def test_imported_model_continues_pretraining_from_its_weights(tmp_path, tokeniz
     from acornlm.cli import main
     from acornlm.data.loader import TokenLoader
     from acornlm.data.prepare import prepare_data
-    from acornlm.train.pretrain import next_token_loss
+    from acornlm.train.losses import next_token_loss
 
     save_hf_model("qwen3", tmp_path / "hf", tokenizer_dir)
     ckpt = import_hf(tmp_path / "hf", tmp_path / "ckpt")

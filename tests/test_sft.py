@@ -23,8 +23,9 @@ from acornlm.model.checkpoint import write_model_files
 from acornlm.model.lora import ADAPTER_WEIGHTS_FILE, LoraConfig, load_model_with_adapter
 from acornlm.tokenizer import load_tokenizer, train_tokenizer
 from acornlm.train.config import TrainConfig
+from acornlm.train.losses import assistant_token_loss
 from acornlm.train.metrics import TIMING_FIELDS
-from acornlm.train.sft import assistant_token_loss, run_sft
+from acornlm.train.sft import run_sft
 from acornlm.train.trainer import seed_everything
 
 

@@ -104,9 +104,10 @@ def preference_ranking(policy: str | Path, reference: str | Path, tasks: str, n:
     """On `n` held-out synthetic pairs per task: how often DPO's implicit reward
     beta*log(pi/pi_ref) is higher for the right answer (the preference accuracy; the sign does not
     depend on beta), and how often each model's own log-prob favours the right answer."""
+    from acornlm.data.preferences import encode_pairs
     from acornlm.model.lora import load_model_with_adapter
     from acornlm.tokenizer import load_tokenizer
-    from acornlm.train.dpo import encode_pairs, precompute_reference_logps
+    from acornlm.train.dpo import precompute_reference_logps
 
     policy, reference = resolve_checkpoint(policy), resolve_checkpoint(reference)
     tokenizer = load_tokenizer(reference)

@@ -37,8 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from acornlm.data.chat import Message, message_problem
-from acornlm.errors import DataError
+from acornlm.errors import ConfigError, DataError
 
 FORMATS = {
     "messages": '{"messages": [{"role", "content"}, ...]} (OpenAI / TRL)',
@@ -293,3 +295,21 @@ def load_conversations(paths: Sequence[str | Path] | str | Path,
         raise DataError(f"no trainable conversation in {', '.join(map(str, paths))} "
                         f"({stats.records} records, {stats.skipped} skipped){detail}")
     return conversations, stats
+
+
+VAL_SPLIT_STREAM = 2**31 - 2  # the random stream that picks held-out conversations
+
+
+def split_conversations(conversations: Sequence[Conversation], val_fraction: float,
+                        seed: int) -> tuple[list[Conversation], list[Conversation]]:
+    """(train, validation): a seeded random `val_fraction` of the conversations is held out (at least
+    one when val_fraction > 0 and there are two or more)."""
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n = len(conversations)
+    n_val = min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 and n > 1 else 0
+    order = np.random.Generator(np.random.PCG64([seed, VAL_SPLIT_STREAM])).permutation(n)
+    held_out = set(order[:n_val].tolist())
+    train = [c for i, c in enumerate(conversations) if i not in held_out]
+    val = [c for i, c in enumerate(conversations) if i in held_out]
+    return train, val

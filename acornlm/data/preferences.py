@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from acornlm.data.chat import Message, message_problem, render_chat
 from acornlm.data.conversations import (
     SHAREGPT_ROLES,
@@ -44,9 +46,11 @@ from acornlm.data.conversations import (
     iter_records,
     parse_alpaca,
     parse_messages,
+    split_conversations,
 )
-from acornlm.data.tasks import TaskExample
-from acornlm.errors import DataError
+from acornlm.data.tasks import TaskExample, make_dataset
+from acornlm.errors import ConfigError, DataError
+from acornlm.paths import as_path_list
 from acornlm.tokenizer import Tokenizer
 
 PREFERENCE_FORMATS = {
@@ -307,3 +311,73 @@ def synthetic_preference_pairs(examples: Sequence[TaskExample], seed: int) -> li
         pairs.append(PreferencePair.from_messages(example.messages(with_answer=False), example.answer, wrong,
                                                   f"synthetic:{example.task}"))
     return pairs
+
+
+# --- encoding pairs for training ---
+
+def pad_rows(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """Rows of different lengths as one [rows, longest] tensor, right-padded with `value`."""
+    longest = max(len(row) for row in rows)
+    return torch.tensor([list(row) + [value] * (longest - len(row)) for row in rows], dtype=torch.long)
+
+
+def collate_sequences(sequences: Sequence[Sequence[int]], masks: Sequence[Sequence[int]],
+                      pad_id: int) -> dict[str, torch.Tensor]:
+    """Next-token inputs and targets of token sequences: input_ids = seq[:-1], targets = seq[1:],
+    mask = loss_mask[1:] (whether each target counts), right-padded (targets with -1)."""
+    return {
+        "input_ids": pad_rows([s[:-1] for s in sequences], pad_id),
+        "targets": pad_rows([s[1:] for s in sequences], -1),
+        "mask": pad_rows([m[1:] for m in masks], 0),
+    }
+
+
+@dataclass
+class PairStats:
+    """What encoding did to the preference pairs (never silent)."""
+
+    pairs: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.kept:,} of {self.pairs:,} pairs kept; {self.truncated:,} answers truncated and "
+                f"{self.dropped_too_long:,} pairs dropped (prompt longer than the context)")
+
+
+def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[PreferencePair], max_tokens: int,
+                 stats: PairStats | None = None) -> list[EncodedPair]:
+    """Token ids and answer masks of every pair, answers cut to `max_tokens`, too-long prompts dropped."""
+    stats = stats if stats is not None else PairStats()
+    encoded = []
+    for pair in pairs:
+        stats.pairs += 1
+        full = encode_pair(tokenizer, pair)
+        fitted = fit_pair(full, max_tokens)
+        if fitted is None:
+            stats.dropped_too_long += 1
+            continue
+        stats.truncated += fitted is not full
+        stats.kept += 1
+        encoded.append(fitted)
+    return encoded
+
+
+def dpo_pairs(data: str | Path | Sequence[str | Path] | None, tasks: str | None, num_pairs: int,
+              val_data: str | Path | Sequence[str | Path] | None, val_fraction: float, data_format: str,
+              on_identical: str, seed: int) -> tuple[list[PreferencePair], list[PreferencePair], str]:
+    """(train pairs, validation pairs, a line describing them) from files or synthetic tasks."""
+    if data is not None:
+        pairs, stats = load_preference_pairs(as_path_list(data), data_format, on_identical)
+        description = stats.summary()
+        if val_data is not None:
+            return pairs, load_preference_pairs(as_path_list(val_data), data_format, on_identical)[0], description
+        train, val = split_conversations(pairs, val_fraction, seed)  # any sequence splits the same way
+        return train, val or train, description
+    if tasks is None:
+        raise ConfigError("--data is required (preference pairs as .jsonl), or --tasks for synthetic pairs "
+                          "(the correct answer of acornlm's synthetic tasks beats a wrong one)")
+    train = synthetic_preference_pairs(make_dataset(tasks, num_pairs, seed, "train"), seed)
+    val = synthetic_preference_pairs(make_dataset(tasks, max(num_pairs // 10, 8), seed, "heldout"), seed + 1)
+    return train, val, f"{len(train):,} synthetic pairs from tasks {tasks} (+{len(val):,} held out)"

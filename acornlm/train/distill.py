@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from acornlm.accel import accelerate
-from acornlm.data.conversations import load_conversations
+from acornlm.data.conversations import load_conversations, split_conversations
 from acornlm.data.sft import IGNORE_INDEX, SFTBatches, encode_conversations
 from acornlm.errors import ConfigError
 from acornlm.model import Transformer
@@ -34,30 +33,9 @@ from acornlm.paths import as_path_list
 from acornlm.tokenizer import Tokenizer, load_tokenizer
 from acornlm.train import distributed
 from acornlm.train.config import TrainConfig
-from acornlm.train.dpo import MeanMetrics, build_policy, final_metrics, resolve_start
-from acornlm.train.sft import split_conversations
+from acornlm.train.losses import distillation_kl, masked_cross_entropy
+from acornlm.train.stage import MeanMetrics, build_policy, final_metrics, resolve_start
 from acornlm.train.trainer import Trainer
-
-
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-                    temperature: float = 1.0) -> torch.Tensor:
-    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over the masked tokens.
-
-    KL(p || q) = sum_v p_v (log p_v - log q_v) per token; logits are [B, T, V], `mask` [B, T]
-    is 1 where the token counts (the assistant tokens). Computed in float32.
-    """
-    student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    per_token = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-    mask = mask.to(torch.float32)
-    return temperature ** 2 * (per_token * mask).sum() / mask.sum().clamp(min=1)
-
-
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """-1/N sum log softmax(logits_t)[target_t] over the N masked tokens (the hard-label loss)."""
-    per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
-    mask = mask.to(torch.float32).flatten()
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,

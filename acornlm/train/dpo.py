@@ -21,90 +21,51 @@ Interface:
     summary = run_dpo("pairs.jsonl", init="runs/sft", out="runs/dpo", train_config=TrainConfig(...))
     summary["val_preference_accuracy"]   # share of held-out pairs ranked right by the implicit reward
 
-This module also holds the pieces the GRPO and distillation stages share with it: sequence
-log-probs, step-pure example indices, per-step stage metrics (`MeanMetrics`) and the start of a
-fine-tuning run from a checkpoint (`resolve_start`, `build_policy`).
+It stands on the shared stage layer (acornlm/train/stage.py) and losses (acornlm/train/losses.py,
+`sequence_logprobs`); encoding the pairs is data code (acornlm/data/preferences.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acornlm.accel import accelerate
 from acornlm.data.preferences import (
     EncodedPair,
-    PreferencePair,
-    encode_pair,
-    fit_pair,
-    load_preference_pairs,
-    synthetic_preference_pairs,
+    PairStats,
+    collate_sequences,
+    dpo_pairs,
+    encode_pairs,
 )
-from acornlm.data.tasks import make_dataset
-from acornlm.errors import CheckpointError, ConfigError, DataError
-from acornlm.model import ModelConfig, Transformer
-from acornlm.model.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint, write_model_files
+from acornlm.errors import ConfigError, DataError
 from acornlm.model.lora import (
     LoraConfig,
-    apply_lora,
     base_model_view,
-    enable_adapter_training,
-    load_adapter,
-    load_model_with_adapter,
-    merge_lora,
-    parameter_counts,
-    write_lora_checkpoint,
 )
 from acornlm.paths import as_path_list
-from acornlm.tokenizer import Tokenizer, load_tokenizer
 from acornlm.train import distributed
-from acornlm.train.checkpointing import remove_abandoned
 from acornlm.train.config import TrainConfig
-from acornlm.train.metrics import METRICS_FILE, read_metrics
+from acornlm.train.losses import sequence_logprobs
 from acornlm.train.precision import select_precision
-from acornlm.train.pretrain import check_context_length, find_resume_checkpoint
-from acornlm.train.sft import resolve_lora, split_conversations
-from acornlm.train.trainer import Trainer, seed_everything
+from acornlm.train.stage import (
+    MeanMetrics,
+    build_policy,
+    example_indices,
+    final_metrics,
+    load_reference,
+    resolve_start,
+)
+from acornlm.train.trainer import Trainer
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
-
-
-# --- log-probabilities of token sequences ---
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target_t | tokens before t) for every position: log_softmax(logits)[target], [B, T].
-
-    Computed in float32 (log-probs of long answers are sums of many small numbers). Targets
-    that are negative (padding) get log-prob 0; callers mask them out anyway.
-    """
-    logits = logits.float()
-    safe_targets = targets.clamp(min=0)
-    picked = torch.gather(logits, -1, safe_targets.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                      average: bool = False) -> torch.Tensor:
-    """log pi(answer | prompt) = sum over answer tokens of log p(token), one number per row [B].
-
-    `mask` is 1 on the answer tokens (the loss mask). With `average`, the sum is divided by the
-    number of answer tokens (the length-normalised log-prob IPO uses).
-    """
-    mask = mask.to(torch.float32)
-    total = (token_logprobs(logits, targets) * mask).sum(-1)
-    if average:
-        total = total / mask.sum(-1).clamp(min=1)
-    return total
 
 
 # --- the loss ---
@@ -165,76 +126,6 @@ def check_dpo_settings(beta: float, label_smoothing: float, loss_type: str) -> N
         raise ConfigError("--label_smoothing applies to the sigmoid (DPO) loss only; drop it for --loss_type ipo")
 
 
-
-
-# --- pieces every fine-tuning stage of this module family uses ---
-
-def example_indices(num_examples: int, seed: int, step: int, micro_step: int, batch_size: int,
-                    rank: int = 0, world_size: int = 1, grad_accum_steps: int = 1) -> list[int]:
-    """The examples of this rank's micro-batch, as a pure function of (seed, step, micro_step).
-
-    The data is read in epochs, each in the order of a permutation seeded by (seed, epoch).
-    Global position p = step * global batch + (micro_step * world_size + rank) * batch_size + i
-    falls in epoch p // N at offset p % N, so a resumed run continues exactly where it stopped
-    and one process with accumulation 2 sees the global batch two processes with 1 see.
-    """
-    global_batch = batch_size * grad_accum_steps * world_size
-    first = step * global_batch + (micro_step * world_size + rank) * batch_size
-    indices = []
-    for position in range(first, first + batch_size):
-        epoch, offset = divmod(position, num_examples)
-        indices.append(int(epoch_order(num_examples, seed, epoch)[offset]))
-    return indices
-
-
-@functools.lru_cache(maxsize=4)
-def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(num_examples)
-
-
-def pad_rows(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
-    """Rows of different lengths as one [rows, longest] tensor, right-padded with `value`."""
-    longest = max(len(row) for row in rows)
-    return torch.tensor([list(row) + [value] * (longest - len(row)) for row in rows], dtype=torch.long)
-
-
-class MeanMetrics:
-    """Running means of a stage's extra numbers (rewards, accuracies) over one step or one evaluation.
-
-    Training and evaluation are kept apart (the loss function sees `model.training`); the
-    Trainer collects them through the loss function's `pop_metrics(training)`, evaluation
-    numbers prefixed with "val_". They are this rank's numbers (rank 0 logs).
-    """
-
-    def __init__(self) -> None:
-        self._sums: dict[bool, dict[str, float]] = {True: {}, False: {}}
-        self._counts: dict[bool, dict[str, int]] = {True: {}, False: {}}
-        self._totals: dict[bool, dict[str, float]] = {True: {}, False: {}}
-
-    def add(self, training: bool, values: dict[str, float | torch.Tensor]) -> None:
-        sums, counts = self._sums[training], self._counts[training]
-        for name, value in values.items():
-            number = value.item() if isinstance(value, torch.Tensor) else float(value)
-            sums[name] = sums.get(name, 0.0) + number
-            counts[name] = counts.get(name, 0) + 1
-
-    def add_total(self, training: bool, values: dict[str, float | torch.Tensor]) -> None:
-        """Numbers that add up instead of averaging (counts of errors)."""
-        totals = self._totals[training]
-        for name, value in values.items():
-            totals[name] = totals.get(name, 0.0) + (value.item() if isinstance(value, torch.Tensor) else value)
-
-    def pop(self, training: bool) -> dict[str, float]:
-        prefix = "" if training else "val_"
-        sums, counts, totals = self._sums[training], self._counts[training], self._totals[training]
-        result = {prefix + name: sums[name] / counts[name] for name in sums}
-        result.update({prefix + name: value for name, value in totals.items()})
-        sums.clear()
-        counts.clear()
-        totals.clear()
-        return result
-
-
 # --- the DPO stage: batches, reference log-probs, loss ---
 
 class PreferenceBatches:
@@ -277,17 +168,6 @@ class PreferenceBatches:
             rows = torch.tensor(list(indices), dtype=torch.long)
             batch["reference_logps"] = torch.cat([reference[rows, 0], reference[rows, 1]])
         return batch
-
-
-def collate_sequences(sequences: Sequence[Sequence[int]], masks: Sequence[Sequence[int]],
-                      pad_id: int) -> dict[str, torch.Tensor]:
-    """Next-token inputs and targets of token sequences: input_ids = seq[:-1], targets = seq[1:],
-    mask = loss_mask[1:] (whether each target counts), right-padded (targets with -1)."""
-    return {
-        "input_ids": pad_rows([s[:-1] for s in sequences], pad_id),
-        "targets": pad_rows([s[1:] for s in sequences], -1),
-        "mask": pad_rows([m[1:] for m in masks], 0),
-    }
 
 
 @torch.no_grad()
@@ -359,156 +239,7 @@ class DPOLoss:
         return self.metrics.pop(training)
 
 
-# --- starting a fine-tuning stage from a checkpoint (shared by DPO, GRPO and distillation) ---
-
-@dataclass
-class StageStart:
-    """Where a fine-tuning run starts: resolved before any process group or model exists.
-
-    `init` is the starting checkpoint (also the DPO/GRPO reference); `source` is where the
-    weights come from now: `init` for a fresh run, the run's latest checkpoint on --resume.
-    """
-
-    out_dir: Path
-    init: Path
-    source: Path
-    checkpoint: Path | None  # the checkpoint to resume from
-    info: dict[str, Any]     # config.json of `source`
-    lora: LoraConfig
-    tokenizer: Tokenizer
-    model_config: ModelConfig
-
-    @property
-    def write_model(self) -> Callable[..., None]:
-        return write_lora_checkpoint if self.lora.enabled else write_model_files
-
-    def checkpoint_info(self, stage: str, **extra: Any) -> dict[str, Any]:
-        """What config.json records about the run next to the model."""
-        tokenizer = self.tokenizer
-        return {"stage": stage, "init": str(self.init), "lora": self.lora.to_dict() if self.lora.enabled else None,
-                "tokenizer": {"fingerprint": tokenizer.fingerprint, "kind": tokenizer.kind,
-                              "vocab_size": tokenizer.vocab_size}, **extra}
-
-
-def resolve_start(init: str | Path | None, out: str | Path, resume: bool, lora: LoraConfig | None,
-                  train_config: TrainConfig) -> StageStart:
-    """The run's starting point, checked (as `run_sft` does): --init or a run to resume, LoRA
-    settings that agree with the resumed run's, a context the model has."""
-    out_dir = Path(out)
-    lora = lora or LoraConfig()
-    checkpoint = find_resume_checkpoint(out_dir, resume)
-    resumed_info = read_checkpoint_config(checkpoint) if checkpoint is not None else None
-    if checkpoint is None:
-        if init is None:
-            raise ConfigError("--init is required: the checkpoint (or run directory) to fine-tune, e.g. an SFT run")
-        init_ckpt = resolve_checkpoint(init)
-    else:
-        init_ckpt = Path(resumed_info.get("init") or checkpoint)
-    source = checkpoint or init_ckpt
-    info = resumed_info or read_checkpoint_config(init_ckpt)
-    lora = resolve_lora(lora, resumed_info, checkpoint)
-    try:
-        model_config = ModelConfig.from_dict(info["model"])
-    except (ConfigError, TypeError) as exc:
-        raise CheckpointError(f"{source / 'config.json'}: invalid model section: {exc}") from exc
-    check_context_length(model_config, train_config)
-    return StageStart(out_dir, init_ckpt, source, checkpoint, info, lora, load_tokenizer(source), model_config)
-
-
-def build_policy(start: StageStart, train_config: TrainConfig, context: distributed.DistributedContext,
-                 stage: str) -> Transformer:
-    """The model to train: the source weights, with new or resumed LoRA adapters when asked."""
-    if start.checkpoint is not None:
-        distributed.log(f"resuming from {start.checkpoint}", context)
-        if context.is_main and isinstance(start.info.get("step"), int):
-            remove_abandoned(start.out_dir, start.info["step"])
-        distributed.barrier()
-    # a fresh run starts from --init with its adapter merged; a resumed run's adapter is loaded below
-    model = load_model(start.source, device="cpu")[0] if start.checkpoint is not None else load_merged(start.init)
-    if start.lora.enabled:
-        if start.checkpoint is not None:
-            load_adapter(model, start.checkpoint)
-            enable_adapter_training(model)
-        else:
-            seed_everything(train_config.seed)  # the same adapter initialisation on every rank and rerun
-            apply_lora(model, start.lora)
-    trainable, total = parameter_counts(model)
-    distributed.log(f"{stage}: training {trainable:,} of {total:,} parameters ({trainable / total:.2%})"
-                    + (f" with LoRA rank {start.lora.rank}" if start.lora.enabled else ""), context)
-    return model
-
-
-def load_reference(start: StageStart) -> Transformer:
-    """A frozen copy of the starting model (the reference pi_ref), loaded from --init."""
-    return accelerate(load_merged(start.init).eval().requires_grad_(False))
-
-
-def load_merged(path: Path) -> Transformer:
-    """A checkpoint's model with its LoRA adapter (if it has one) merged in, every weight trainable:
-    a stage after a LoRA SFT run starts from what SFT learned, not from the base under the adapter."""
-    model, _ = load_model_with_adapter(path, device="cpu")
-    return merge_lora(model).requires_grad_(True)
-
-
-def final_metrics(run_dir: Path, names: Sequence[str]) -> dict[str, float]:
-    """The last logged value of each metric in `names` (for the summary a stage prints)."""
-    found: dict[str, float] = {}
-    for record in read_metrics(run_dir / METRICS_FILE):
-        found.update({name: record[name] for name in names if record.get(name) is not None})
-    return found
-
-
 # --- the DPO stage ---
-
-@dataclass
-class PairStats:
-    """What encoding did to the preference pairs (never silent)."""
-
-    pairs: int = 0
-    kept: int = 0
-    truncated: int = 0
-    dropped_too_long: int = 0
-
-    def summary(self) -> str:
-        return (f"{self.kept:,} of {self.pairs:,} pairs kept; {self.truncated:,} answers truncated and "
-                f"{self.dropped_too_long:,} pairs dropped (prompt longer than the context)")
-
-
-def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[PreferencePair], max_tokens: int,
-                 stats: PairStats | None = None) -> list[EncodedPair]:
-    """Token ids and answer masks of every pair, answers cut to `max_tokens`, too-long prompts dropped."""
-    stats = stats if stats is not None else PairStats()
-    encoded = []
-    for pair in pairs:
-        stats.pairs += 1
-        full = encode_pair(tokenizer, pair)
-        fitted = fit_pair(full, max_tokens)
-        if fitted is None:
-            stats.dropped_too_long += 1
-            continue
-        stats.truncated += fitted is not full
-        stats.kept += 1
-        encoded.append(fitted)
-    return encoded
-
-
-def dpo_pairs(data: str | Path | Sequence[str | Path] | None, tasks: str | None, num_pairs: int,
-              val_data: str | Path | Sequence[str | Path] | None, val_fraction: float, data_format: str,
-              on_identical: str, seed: int) -> tuple[list[PreferencePair], list[PreferencePair], str]:
-    """(train pairs, validation pairs, a line describing them) from files or synthetic tasks."""
-    if data is not None:
-        pairs, stats = load_preference_pairs(as_path_list(data), data_format, on_identical)
-        description = stats.summary()
-        if val_data is not None:
-            return pairs, load_preference_pairs(as_path_list(val_data), data_format, on_identical)[0], description
-        train, val = split_conversations(pairs, val_fraction, seed)  # any sequence splits the same way
-        return train, val or train, description
-    if tasks is None:
-        raise ConfigError("--data is required (preference pairs as .jsonl), or --tasks for synthetic pairs "
-                          "(the correct answer of acornlm's synthetic tasks beats a wrong one)")
-    train = synthetic_preference_pairs(make_dataset(tasks, num_pairs, seed, "train"), seed)
-    val = synthetic_preference_pairs(make_dataset(tasks, max(num_pairs // 10, 8), seed, "heldout"), seed + 1)
-    return train, val, f"{len(train):,} synthetic pairs from tasks {tasks} (+{len(val):,} held out)"
 
 
 def run_dpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | None, out: str | Path,

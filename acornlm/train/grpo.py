@@ -19,13 +19,8 @@ log pi, and the clip only bites if the same samples were reused for several upda
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import math
-import traceback
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from acornlm.data.chat import IM_END_ID, message_problem, render_prompt
-from acornlm.data.conversations import data_files, describe_keys, iter_records, parse_messages
-from acornlm.data.tasks import TASKS, make_dataset
-from acornlm.errors import ConfigError, DataError
+from acornlm.data.chat import IM_END_ID, render_prompt
+from acornlm.data.conversations import (
+    split_conversations,
+)
+from acornlm.data.preferences import collate_sequences
+from acornlm.data.prompts import load_prompt_records, task_prompt_records
+from acornlm.errors import ConfigError
 from acornlm.infer.generate import generate_batch
 from acornlm.infer.sampling import SamplingParams
 from acornlm.model import Transformer
@@ -46,25 +44,19 @@ from acornlm.tokenizer import Tokenizer
 from acornlm.train import distributed
 from acornlm.train.config import TrainConfig
 from acornlm.train.distributed import DistributedContext, log
-from acornlm.train.dpo import (
+from acornlm.train.losses import kl_k3, token_logprobs
+from acornlm.train.rewards import RewardRunner, load_reward_functions
+from acornlm.train.stage import (
     MeanMetrics,
     build_policy,
-    collate_sequences,
     example_indices,
     final_metrics,
     load_reference,
     resolve_start,
-    token_logprobs,
 )
-from acornlm.train.sft import split_conversations
 from acornlm.train.trainer import Trainer
 
-# A reward function scores one completion: reward(completion, example) -> float. `example` is
-# the prompt's record (its "prompt", and whatever else the data holds: "answer", "task", ...).
-RewardFunction = Callable[[str, dict[str, Any]], float]
-
-
-# --- the pure pieces: advantages, KL estimate, clipped loss ---
+# --- the pure pieces: advantages and the clipped loss (the KL estimate is losses.kl_k3) ---
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
     """GRPO's group-normalised advantage (Shao et al. 2024, eq. 3 outcome supervision):
@@ -81,17 +73,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
     mean = groups.mean(dim=1, keepdim=True)
     std = groups.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
     return ((groups - mean) / (std + eps)).view(-1)
-
-
-def kl_k3(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) by Schulman's k3 estimator (as in DeepSeekMath eq. 4):
-
-        KL ~ exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1
-
-    unbiased for samples drawn from pi, and never negative.
-    """
-    delta = reference_logprobs - logprobs
-    return torch.exp(delta) - delta - 1
 
 
 @dataclass
@@ -128,154 +109,6 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     clipped_fraction = ((clipped < unclipped).float() * mask).sum() / tokens  # the min took the clip
     return GRPOLossOutput(-per_completion.mean(), ((kl * mask).sum() / tokens).detach(),
                           clipped_fraction.detach())
-
-
-# --- rewards: user functions that may fail ---
-
-@dataclass
-class RewardRunner:
-    """Calls the reward functions and sums their scores, surviving functions that fail.
-
-    A function that raises (or returns something that is not a finite number) scores 0 for
-    that completion; training goes on. Each failing function is reported once, with its first
-    error, as a warning, and every failure is counted (`errors`, logged as `reward_errors`).
-    """
-
-    functions: Sequence[RewardFunction]
-    names: Sequence[str] = ()
-    errors: int = 0
-    errors_by_function: dict[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.functions:
-            raise ConfigError("GRPO needs at least one reward function")
-        if not self.names:
-            self.names = [getattr(fn, "__name__", repr(fn)) for fn in self.functions]
-
-    def score(self, completion: str, example: dict[str, Any]) -> float:
-        """The sum of every function's reward for one completion."""
-        return sum(self._call(name, fn, completion, example) for name, fn in zip(self.names, self.functions))
-
-    def _call(self, name: str, fn: RewardFunction, completion: str, example: dict[str, Any]) -> float:
-        try:
-            value = fn(completion, example)
-            if isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise TypeError(f"returned {value!r}; a reward must be a finite number")
-            return float(value)
-        except Exception as exc:  # noqa: BLE001 - any user error: score 0, count it, go on
-            self._record_error(name, exc)
-            return 0.0
-
-    def _record_error(self, name: str, exc: Exception) -> None:
-        self.errors += 1
-        first = name not in self.errors_by_function
-        self.errors_by_function[name] = self.errors_by_function.get(name, 0) + 1
-        if first:
-            where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-            location = f" ({where.filename}:{where.lineno})" if where else ""
-            warnings.warn(
-                f"reward function {name!r} raised {type(exc).__name__}: {exc}{location}; the completion "
-                "scores 0 for it and training continues (further errors are only counted, see "
-                "reward_errors in metrics.jsonl)", RuntimeWarning, stacklevel=2)
-
-
-def task_reward(completion: str, example: dict[str, Any]) -> float:
-    """The verifiable reward of acornlm.data.tasks: 1 when the task's checker accepts the answer, else 0."""
-    task, answer = example.get("task"), example.get("answer")
-    if task not in TASKS or not isinstance(answer, str):
-        raise ValueError(f"the `task` reward needs a known `task` ({', '.join(TASKS)}) and an `answer` string "
-                         f"in each prompt record; got task={task!r}, answer={answer!r}")
-    return float(TASKS[task].check(completion, answer))
-
-
-BUILTIN_REWARDS: dict[str, RewardFunction] = {"task": task_reward}
-
-
-def load_reward_functions(spec: str) -> tuple[list[RewardFunction], list[str]]:
-    """Reward functions from a comma-separated spec; their rewards are summed.
-
-    Each item is `task` (the checkers of acornlm.data.tasks), `package.module:function` or
-    `path/to/file.py:function`. A function takes (completion text, prompt record) and returns a number.
-    """
-    functions, names = [], []
-    for item in (part.strip() for part in spec.split(",")):
-        if not item:
-            continue
-        if item in BUILTIN_REWARDS:
-            functions.append(BUILTIN_REWARDS[item])
-        elif ":" in item:
-            functions.append(import_function(*item.rsplit(":", 1)))
-        else:
-            raise ConfigError(f"reward {item!r} is neither a built-in reward ({', '.join(BUILTIN_REWARDS)}) nor "
-                              "`module:function` / `file.py:function`")
-        names.append(item)
-    if not functions:
-        raise ConfigError("--reward is empty: name at least one reward, e.g. task or my_rewards.py:score")
-    return functions, names
-
-
-def import_function(source: str, name: str) -> RewardFunction:
-    """`name` from a Python file (`path.py`) or an importable module; ConfigError saying what is missing."""
-    try:
-        if source.endswith(".py"):
-            path = Path(source)
-            if not path.is_file():
-                raise ConfigError(f"reward file {path} does not exist")
-            spec = importlib.util.spec_from_file_location(f"acornlm_reward_{path.stem}", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(source)
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any import-time failure of user code
-        raise ConfigError(f"cannot import reward module {source!r}: {type(exc).__name__}: {exc}") from exc
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise ConfigError(f"{source} has no function {name!r} to use as a reward")
-    return function
-
-
-# --- prompts ---
-
-def load_prompt_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Prompt records of .jsonl/.json files: {"prompt": text or messages, ...any fields the rewards read}
-    or chat data {"messages": [..., {"role": "assistant", ...}], ...} whose last answer becomes "answer".
-
-    Each record gets "messages" (the prompt conversation, ending with a user turn) and "prompt"
-    (the last user message). Malformed records are a DataError naming the file and line.
-    """
-    records = []
-    for path in data_files(paths):
-        for where, raw in iter_records(path):
-            if not isinstance(raw, dict) or not ("prompt" in raw or "messages" in raw):
-                raise DataError(f"{where}: a GRPO prompt record needs \"prompt\" (text or messages) or "
-                                f"\"messages\", found {describe_keys(raw)}")
-            record = dict(raw)
-            if isinstance(raw.get("prompt"), str):
-                messages = [{"role": "user", "content": raw["prompt"]}]
-            else:
-                messages = parse_messages(raw.get("prompt", raw.get("messages")), where)
-                if messages and messages[-1]["role"] == "assistant":
-                    record.setdefault("answer", messages[-1]["content"])
-                    messages = messages[:-1]
-            problem = message_problem([*messages, {"role": "assistant", "content": "x"}])
-            if problem:
-                raise DataError(f"{where}: the prompt is not a conversation awaiting an answer: {problem}")
-            record["messages"], record["prompt"] = messages, messages[-1]["content"]
-            records.append(record)
-    if not records:
-        raise DataError(f"no prompts in {', '.join(map(str, paths))}")
-    return records
-
-
-def task_prompt_records(tasks: str, count: int, seed: int, split: str) -> list[dict[str, Any]]:
-    """`count` prompts per task from acornlm.data.tasks (`split` "train" or "heldout"), with answers."""
-    return [{"messages": example.messages(with_answer=False), "prompt": example.prompt,
-             "answer": example.answer, "task": example.task}
-            for example in make_dataset(tasks, count, seed, split)]
 
 
 # --- sampling groups and the loss ---

@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from acornlm.data.loader import TokenLoader, check_tokenizer, read_meta
 from acornlm.data.prepare import TOKENIZER_SUBDIR
@@ -25,22 +23,12 @@ from acornlm.tokenizer import Tokenizer, load_tokenizer
 from acornlm.train import distributed
 from acornlm.train.checkpointing import list_checkpoints, read_pointer, remove_abandoned
 from acornlm.train.config import TrainConfig
+from acornlm.train.losses import next_token_loss
 from acornlm.train.trainer import Trainer, seed_everything
 
 # The model section a command line starts from: vocab_size 0 = the tokenizer's size.
 # num_key_value_heads and head_dim stay 0 ("derive them") until the user's values are in.
 DEFAULT_MODEL_FIELDS = {f.name: f.default for f in dataclasses.fields(ModelConfig)} | {"vocab_size": 0}
-
-
-def next_token_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of next-token prediction: L = -1/N * sum_t log softmax(logits_t)[x_{t+1}].
-
-    `batch` is (inputs, targets), targets being the inputs shifted left by one token; the
-    logits are upcast to float32 so the softmax is accurate under bf16/fp16 autocast.
-    """
-    inputs, targets = batch
-    logits = model(inputs)
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 class PretrainBatches:
