@@ -1,6 +1,6 @@
 """The import order of the pipeline, enforced:
 
-    base (errors, version, allocator, paths, presets) < tokenizer < data < model < accel < infer
+    base (errors, version, files, allocator, paths, presets) < tokenizer < data < model < accel < infer
     < train < serve | export | eval < cli
 
 A module imports only from its own package or from lower layers; packages on the same layer do not
@@ -15,7 +15,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).parent.parent / "acornlm"
-BASE = {"errors", "version", "allocator", "paths", "presets"}
+BASE = {"errors", "version", "allocator", "paths", "presets", "files"}
 LAYERS = [BASE, {"tokenizer"}, {"data"}, {"model"}, {"accel"}, {"infer"}, {"train"},
           {"serve", "export", "eval"}, {"cli"}, {"__main__"}]
 LAYER_OF = {name: level for level, names in enumerate(LAYERS) for name in names}

@@ -353,24 +353,9 @@ def test_serve_cli_checks_its_options(checkpoint):
 def test_serve_command_end_to_end(checkpoint, engine_process):
     """The serve command in its own process: API key from the environment, one chat, shut down;
     with the engine in a process of its own (the default) and on a thread."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    code = (f"from acornlm.cli.serve import serve; serve(ckpt={str(checkpoint)!r}, port={port}, threads=1, "
-            f"max_batch=2, engine_process={engine_process})")
     env = {**os.environ, "ACORNLM_API_KEY": " from-env\n"}  # surrounding whitespace is stripped
-    process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process, url = start_serve_command(checkpoint, env=env, max_batch=2, engine_process=engine_process)
     try:
-        url = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            try:
-                return httpx.get(url + "/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        assert wait_until(lambda: up() or process.poll() is not None, seconds=60) and process.poll() is None
         client = openai.OpenAI(base_url=url + "/v1", api_key="from-env", max_retries=0)
         reply = client.chat.completions.create(model=checkpoint.name, messages=HELLO, max_tokens=3)
         assert reply.choices[0].finish_reason in ("stop", "length")
@@ -772,16 +757,17 @@ def test_a_second_sigterm_stops_the_server_at_once():
     assert server.force_exit
 
 
-def start_serve_command(checkpoint, tmp_path, **options) -> tuple[subprocess.Popen, str]:
+def start_serve_command(checkpoint, env: dict | None = None, **options) -> tuple[subprocess.Popen, str]:
     """`acornlm serve` (its Python function) in a child process; waits until /health answers."""
+    options = {"engine_process": False, **options}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     arguments = ", ".join(f"{k}={v!r}" for k, v in options.items())
     code = (f"from acornlm.cli.serve import serve; serve(ckpt={str(checkpoint)!r}, port={port}, threads=1, "
-            f"engine_process=False, {arguments})")
-    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+            f"{arguments})")
+    process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -808,7 +794,7 @@ def test_serve_shutdown_has_a_timeout_and_a_second_sigterm_stops_at_once(checkpo
     """A client that never finishes its request cannot keep the server alive after SIGTERM."""
     key_file = tmp_path / "key"
     key_file.write_text("from-file\n")
-    process, url = start_serve_command(checkpoint, tmp_path, api_key_file=str(key_file), shutdown_timeout=1.0,
+    process, url = start_serve_command(checkpoint, api_key_file=str(key_file), shutdown_timeout=1.0,
                                        body_timeout=120.0)
     client = openai.OpenAI(base_url=url + "/v1", api_key="from-file", max_retries=0)
     assert client.models.list().data[0].id == checkpoint.name  # the key from the file works
@@ -819,7 +805,7 @@ def test_serve_shutdown_has_a_timeout_and_a_second_sigterm_stops_at_once(checkpo
     assert time.monotonic() - started < 10  # 1 s of grace, not the 120 s body timeout
     stuck.close()
 
-    process, url = start_serve_command(checkpoint, tmp_path, api_key_file=str(key_file), shutdown_timeout=120.0,
+    process, url = start_serve_command(checkpoint, api_key_file=str(key_file), shutdown_timeout=120.0,
                                        body_timeout=120.0)
     stuck = hold_a_request_open(url)
     process.send_signal(signal.SIGTERM)

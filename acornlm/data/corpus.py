@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from acornlm.errors import DataError
+from acornlm.files import atomic_path
 from acornlm.paths import cache_dir
 
 Errors = Literal["strict", "replace"]
@@ -192,12 +193,11 @@ def _download_url(url: str) -> Path:
     target = cache_dir() / "downloads" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
         try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
+            with atomic_path(target) as partial, urllib.request.urlopen(url, timeout=60) as response, \
+                    open(partial, "wb") as f:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
         except OSError as exc:
             raise DataError(f"could not download {url}: {exc}; download it yourself and pass the file") from exc
-        os.replace(partial, target)
     return target

@@ -21,10 +21,8 @@ Documents stream through in batches and go straight to disk, so memory stays bou
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing
 import os
-import shutil
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,6 +34,7 @@ from tqdm import tqdm
 
 from acornlm.data.corpus import Document, Errors, iter_documents
 from acornlm.errors import ConfigError, DataError
+from acornlm.files import atomic_path, atomic_write_json
 from acornlm.tokenizer import load_tokenizer
 from acornlm.version import __version__
 
@@ -284,18 +283,8 @@ def check_both_splits(writers: dict[str, SplitWriter], train_inputs: list, val_i
 
 def save_tokenizer_copy(tokenizer, target: Path) -> None:
     """Save the tokenizer next to the data (temp folder, then rename)."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    tokenizer.save(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-
-
-def atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(target, directory=True) as tmp:
+        tokenizer.save(tmp)
 
 
 def measure_throughput(meta: dict, seconds: float) -> dict[str, float]:

@@ -34,9 +34,12 @@ import torch
 
 from acornlm.errors import CheckpointError, ConfigError
 from acornlm.export.gguf_moe import choose_moe_gguf_architecture, moe_layer_tensors, write_moe_hyperparameters
+from acornlm.export.hf import check_output_path
+from acornlm.files import atomic_path
 from acornlm.model import ModelConfig, Transformer
 from acornlm.model.checkpoint import load_model, resolve_checkpoint
 from acornlm.tokenizer import Tokenizer, load_tokenizer
+from acornlm.tokenizer.hf_config import read_tokenizer_config
 
 # --type -> (the type of weight matrices, llama.cpp's general.file_type). Norms, biases and
 # position embeddings stay f32 whatever the type, as in llama.cpp's converter and quantizer.
@@ -84,7 +87,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, type: str = "f16", force: boo
     if type not in FILE_TYPES:
         raise ConfigError(f"unknown GGUF type {type!r}: choose one of {', '.join(FILE_TYPES)}")
     out = Path(out)
-    check_output_path(out, force)
+    check_output_path(out, force, file=True)
     ckpt_dir = resolve_checkpoint(ckpt)
     model, info = load_model(ckpt_dir, device="cpu", dtype=torch.float32)
     arch = choose_architecture(model.config)
@@ -92,8 +95,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, type: str = "f16", force: boo
     tensors = [encode_tensor(tensor, type) for tensor in model_tensors(arch, model)]
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_name(model_name(ckpt_dir, info))
         writer.add_type(gguf.GGUFType.MODEL)
@@ -107,10 +109,6 @@ def export_gguf(ckpt: str | Path, out: str | Path, type: str = "f16", force: boo
         writer.close()
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out
 
 
@@ -121,13 +119,6 @@ def import_gguf() -> Any:
     except ImportError as exc:
         raise ConfigError("GGUF export needs the `gguf` package: pip install 'acornlm[export]' (or pip install gguf)") from exc
     return gguf
-
-
-def check_output_path(out: Path, force: bool) -> None:
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a directory; give the path of the .gguf file to write")
-    if out.exists() and not force:
-        raise ConfigError(f"{out} already exists; pass --force to overwrite it (or choose another --out)")
 
 
 def model_name(ckpt_dir: Path, info: dict[str, Any]) -> str:
@@ -306,17 +297,6 @@ def check_gpt2_compatible(spec: dict[str, Any], tokenizer_dir: Path) -> None:
     if problems:
         raise ConfigError(f"{tokenizer_dir / 'tokenizer.json'}: llama.cpp's gpt-2 tokenizer cannot reproduce "
                           f"this tokenizer: {'; '.join(problems)}")
-
-
-def read_tokenizer_config(tokenizer_dir: Path) -> dict[str, Any]:
-    file = tokenizer_dir / "tokenizer_config.json"
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{file} is corrupt: {exc}") from exc
-    return data if isinstance(data, dict) else {}
 
 
 def write_vocabulary(writer: Any, vocab: Vocabulary) -> None:

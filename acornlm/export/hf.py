@@ -27,7 +27,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,19 +46,21 @@ from acornlm.export.hf_moe import (
     moe_weights_to_hf,
 )
 from acornlm.export.model_card import model_card
+from acornlm.files import atomic_path
 from acornlm.infer.generate import generate_tokens
 from acornlm.infer.sampling import SamplingParams
 from acornlm.model import ModelConfig, Transformer
 from acornlm.model.checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
+    checkpoint_model_config,
     load_model,
     model_state_for_saving,
     read_checkpoint_config,
     resolve_checkpoint,
 )
 from acornlm.model.rope import normalize_rope_scaling
-from acornlm.tokenizer.hf_config import CHATML_TEMPLATE
+from acornlm.tokenizer.hf_config import CHATML_TEMPLATE, read_tokenizer_config
 from acornlm.tokenizer.special_tokens import EOT_TOKEN, IM_END_TOKEN
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -318,17 +319,6 @@ def load_backend_tokenizer(ckpt: Path) -> Any:
         return BackendTokenizer.from_file(str(file))
     except Exception as exc:  # the library raises a bare Exception for a malformed file
         raise CheckpointError(f"{file} is not a valid tokenizer file: {exc}") from exc
-
-
-def read_tokenizer_config(ckpt: Path) -> dict[str, Any]:
-    file = ckpt / TOKENIZER_CONFIG_FILE
-    if not file.is_file():
-        return {}
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{file} is corrupt: {exc}") from exc
-    return config if isinstance(config, dict) else {}
 
 
 def read_special_tokens(ckpt: Path) -> SpecialTokens:
@@ -600,19 +590,17 @@ def explain_greedy_difference(model: Transformer, prompt_ids: list[int], ours: l
 # publish: all or nothing
 # ---------------------------------------------------------------------------------------------
 
-def check_output_path(out: Path, force: bool, protected: Path) -> None:
-    """Refuse to overwrite without --force, and never overwrite the input itself."""
-    resolved, source = out.resolve(), protected.resolve()
-    if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
+def check_output_path(out: Path, force: bool, protected: Path | None = None, file: bool = False) -> None:
+    """Refuse to overwrite without --force, and never overwrite the input itself: a directory output
+    (`file` False) may not overlap `protected`; a file output may not be a directory."""
+    if file and out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; give the path of the file to write")
+    resolved, source = out.resolve(), protected.resolve() if protected is not None else None
+    if not file and source is not None and (resolved == source or source.is_relative_to(resolved)
+                                            or resolved.is_relative_to(source)):
         raise ConfigError(f"--out {out} overlaps the input {protected}; choose a separate directory")
     if out.exists() and not force:
         raise ConfigError(f"{out} already exists; pass --force to replace it, or choose another --out")
-
-
-def new_temp_dir(out: Path) -> Path:
-    """A fresh directory next to `out` (same filesystem, so the final rename is atomic)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
 
 
 def current_umask() -> int:
@@ -621,25 +609,13 @@ def current_umask() -> int:
     return mask
 
 
-def publish(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`, replacing what was there (the caller checked --force).
-
-    mkdtemp (and safetensors) create owner-only files; an export is meant to be shared or served,
-    so it gets the usual permissions of new files.
-    """
+def shareable(tmp: Path) -> None:
+    """mkdtemp (and safetensors) create owner-only files; an export is meant to be shared or served,
+    so it gets the usual permissions of new files before it is published."""
     mask = current_umask()
     os.chmod(tmp, 0o777 & ~mask)
     for file in tmp.iterdir():
         os.chmod(file, 0o666 & ~mask)
-    old = None
-    if out.is_dir() and not out.is_symlink():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    elif out.exists() or out.is_symlink():
-        out.unlink()
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -685,10 +661,7 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", verify:
     ckpt_dir = resolve_checkpoint(ckpt)
     check_output_path(out, force, ckpt_dir)
     info = read_checkpoint_config(ckpt_dir)
-    try:
-        config = ModelConfig.from_dict(info["model"])
-    except (ConfigError, TypeError) as exc:
-        raise CheckpointError(f"{ckpt_dir / CONFIG_FILE}: invalid model section: {exc}") from exc
+    config = checkpoint_model_config(info, ckpt_dir / CONFIG_FILE)
     architecture = choose_architecture(config)
     if not (ckpt_dir / TOKENIZER_FILE).is_file():
         raise CheckpointError(f"{ckpt_dir} holds no {TOKENIZER_FILE}; an export needs the model's tokenizer "
@@ -716,8 +689,7 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", verify:
         "verification": None,
     }
 
-    tmp = new_temp_dir(out)
-    try:
+    with atomic_path(out, directory=True) as tmp:
         write_json(tmp / CONFIG_FILE, hf_config(config, architecture, special, dtype))
         write_json(tmp / GENERATION_CONFIG_FILE, generation_config(special, eos_ids))
         save_file(weights_to_hf(state, config, architecture), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -725,8 +697,5 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", verify:
         if verify:
             summary["verification"] = verify_export(tmp, model, VERIFY_PROMPT, prompt_ids, eos_ids, special.pad)
         (tmp / MODEL_CARD_FILE).write_text(model_card(config, architecture, info, summary), encoding="utf-8")
-        publish(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shareable(tmp)
     return summary

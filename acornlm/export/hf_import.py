@@ -36,11 +36,11 @@ from acornlm.export.hf import (
     QWEN3,
     TOKENIZER_FILE,
     check_output_path,
-    new_temp_dir,
-    publish,
+    shareable,
     weights_from_hf,
 )
 from acornlm.export.hf_moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE, moe_fields_from_hf, qwen2_moe_attention_bias
+from acornlm.files import atomic_path
 from acornlm.model import ModelConfig, Transformer
 from acornlm.model.checkpoint import read_json_config, write_model_files
 from acornlm.model.rope import REQUIRED_KEYS as REQUIRED_ROPE_KEYS
@@ -431,15 +431,11 @@ def import_hf(model_dir: str | Path, out: str | Path, force: bool = False) -> Pa
     if tokenizer is not None:
         info["tokenizer"] = tokenizer
 
-    tmp = new_temp_dir(out)
-    try:
+    with atomic_path(out, directory=True) as tmp:
         has_tokenizer = (model_dir / TOKENIZER_FILE).is_file()
         write_model_files(tmp, model, info=info, tokenizer_dir=model_dir if has_tokenizer else None)
         for name in EXTRA_TOKENIZER_FILES:
             if (model_dir / name).is_file():
                 shutil.copyfile(model_dir / name, tmp / name)
-        publish(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shareable(tmp)
     return out

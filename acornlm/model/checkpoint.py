@@ -16,7 +16,6 @@ every function here accepts either a checkpoint directory or a run directory.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -108,7 +107,7 @@ def checkpoint_model_config(info: dict[str, Any], file: Path) -> ModelConfig:
     that names `file` and the bad field (bounds, finite numbers: see ModelConfig.validate)."""
     try:
         config = ModelConfig.from_dict(info["model"])
-    except (ConfigError, TypeError, ValueError, OverflowError) as exc:
+    except (ConfigError, TypeError, ValueError, OverflowError, KeyError) as exc:
         raise CheckpointError(f"{file}: invalid model section: {exc}") from exc
     if config.vocab_size == 0:
         raise CheckpointError(f"{file}: invalid model section: model.vocab_size is 0; a checkpoint records "
@@ -217,15 +216,3 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     return model, info
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file so that readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave a stray temp file next to the pointer
-        raise

@@ -6,8 +6,11 @@ which tokens play the bos/eos/pad/unk roles, and how to render a chat (ChatML, a
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+from acornlm.errors import CheckpointError
 from acornlm.tokenizer.special_tokens import EOT_TOKEN, SPECIAL_TOKENS, UNK_TOKEN
 
 # transformers' own "no limit known" value (VERY_LARGE_INTEGER). The tokenizer does not know the
@@ -59,3 +62,16 @@ def tokenizer_config(kind: str, reserved_tokens: list[str], model_max_length: in
         "clean_up_tokenization_spaces": False,
         "chat_template": CHATML_TEMPLATE,
     }
+
+
+def read_tokenizer_config(directory: Path) -> dict[str, Any]:
+    """The tokenizer_config.json of a checkpoint or tokenizer directory ({} when there is none);
+    CheckpointError naming the file when it is corrupt."""
+    file = Path(directory) / "tokenizer_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise CheckpointError(f"{file} is corrupt: {exc}") from exc
+    return data if isinstance(data, dict) else {}

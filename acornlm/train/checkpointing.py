@@ -26,12 +26,12 @@ import torch
 from safetensors import SafetensorError
 
 from acornlm.errors import CheckpointError, DiskFullError
+from acornlm.files import atomic_write_text
 from acornlm.model import Transformer
 from acornlm.model.checkpoint import (
     CONFIG_FILE,
     LATEST_FILE,
     TRAIN_STATE_FILE,
-    atomic_write_text,
     write_model_files,
 )
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from acornlm.errors import ConfigError
-from acornlm.model.checkpoint import atomic_write_text
+from acornlm.files import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"

@@ -18,7 +18,12 @@ from acornlm.data.loader import TokenLoader, check_tokenizer, read_meta
 from acornlm.data.prepare import TOKENIZER_SUBDIR
 from acornlm.errors import CheckpointError, ConfigError
 from acornlm.model import ModelConfig, Transformer
-from acornlm.model.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint
+from acornlm.model.checkpoint import (
+    checkpoint_model_config,
+    load_model,
+    read_checkpoint_config,
+    resolve_checkpoint,
+)
 from acornlm.tokenizer import Tokenizer, load_tokenizer
 from acornlm.train import distributed
 from acornlm.train.checkpointing import list_checkpoints, read_pointer, remove_abandoned
@@ -132,10 +137,7 @@ def _tokens_per_byte(meta: dict[str, Any]) -> float | None:
 
 def saved_model_config(checkpoint: Path, info: dict[str, Any], requested: ModelConfig, option: str) -> ModelConfig:
     """The model a checkpoint holds; model options on the command line may not contradict it."""
-    try:
-        saved = ModelConfig.from_dict(info["model"])
-    except (ConfigError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"{checkpoint / 'config.json'}: invalid model section: {exc}") from exc
+    saved = checkpoint_model_config(info, checkpoint / "config.json")
     changed = changed_model_fields(requested, saved)
     if changed:
         raise ConfigError(

@@ -24,9 +24,15 @@ import numpy as np
 import torch
 
 from acornlm.accel import accelerate
-from acornlm.errors import CheckpointError, ConfigError
+from acornlm.errors import ConfigError
 from acornlm.model import ModelConfig, Transformer
-from acornlm.model.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint, write_model_files
+from acornlm.model.checkpoint import (
+    checkpoint_model_config,
+    load_model,
+    read_checkpoint_config,
+    resolve_checkpoint,
+    write_model_files,
+)
 from acornlm.model.lora import (
     LoraConfig,
     apply_lora,
@@ -164,10 +170,7 @@ def resolve_start(init: str | Path | None, out: str | Path, resume: bool, lora: 
     source = checkpoint or init_ckpt
     info = resumed_info or read_checkpoint_config(init_ckpt)
     lora = resolve_lora(lora, resumed_info, checkpoint)
-    try:
-        model_config = ModelConfig.from_dict(info["model"])
-    except (ConfigError, TypeError) as exc:
-        raise CheckpointError(f"{source / 'config.json'}: invalid model section: {exc}") from exc
+    model_config = checkpoint_model_config(info, source / "config.json")
     check_context_length(model_config, train_config)
     return StageStart(out_dir, init_ckpt, source, checkpoint, info, lora, load_tokenizer(source), model_config)
 
