@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from acornlm.cli.demo import demo as demo_command
-from acornlm.cli.demo import estimate_steps
+from acornlm.cli.demo_budget import estimate_steps
 from acornlm.data.corpus import iter_documents
 from acornlm.data.loader import open_tokens, read_meta
 from acornlm.data.prepare import prepare_data

@@ -87,7 +87,7 @@ def test_demo_rejects_bad_finetune_options(tmp_path, capsys, option, value, mess
 def test_demo_picks_the_faster_thread_count():
     import torch
 
-    from acornlm.cli.demo import choose_threads
+    from acornlm.cli.demo_budget import choose_threads
     from acornlm.errors import ConfigError
 
     default = torch.get_num_threads()

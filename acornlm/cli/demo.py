@@ -11,76 +11,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from acornlm.accel import accelerate
+from acornlm.cli.demo_budget import choose_threads, estimate_steps, say, step_seconds
+from acornlm.cli.demo_finetune import check_finetune_options, figure_lines, run_finetune, summary_section
 from acornlm.errors import ConfigError
 from acornlm.model import ModelConfig, Transformer
 from acornlm.presets import load_preset
 from acornlm.train.config import TrainConfig
 
 PROMPTS = ("Romeo.\n", "Juliet.\nO Romeo, ", "King Henry.\n")
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def step_seconds(model_config: ModelConfig, train_config: TrainConfig, device: str) -> float:
-    """Wall-clock seconds of one optimizer step of this model and batch, timed on real steps."""
-    from acornlm.train.precision import select_device
-
-    dev = select_device(device)
-    model = accelerate(Transformer(dataclasses.replace(model_config)).to(dev), dev)  # as the Trainer runs it
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, model_config.vocab_size, (train_config.batch_size, train_config.seq_len), device=dev)
-    timings = []
-    for _ in range(6):  # the first step warms up; the median of the others resists a passing spike of load
-        start = time.perf_counter()
-        for _ in range(train_config.grad_accum_steps):
-            logits = model(x)
-            torch.nn.functional.cross_entropy(logits.flatten(0, 1), x.flatten()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        timings.append(time.perf_counter() - start)
-    return sorted(timings[1:])[len(timings[1:]) // 2]
-
-
-def estimate_steps(model_config: ModelConfig, train_config: TrainConfig, minutes: float, device: str) -> int:
-    """How many optimizer steps fit in `minutes`, from timing a few real training steps.
-
-    The cosine schedule decays over max_steps, so a wall-clock-limited run should end its
-    schedule when its time ends instead of being cut off at a high learning rate.
-    """
-    # evaluation and checkpoints take a share of the budget too
-    return max(10, int(minutes * 60 / step_seconds(model_config, train_config, device) * 0.85))
-
-
-def choose_threads(requested: int, time_step: Callable[[], float]) -> int:
-    """Torch threads for the demo: `requested`, or for 0 whichever of PyTorch's default (one per
-    core) and a single thread makes `time_step()` faster. A single thread wins when other work keeps
-    the cores busy: threads that wait for each other at every operation can run 10x slower."""
-    if requested < 0:
-        raise ConfigError(f"--threads must be >= 0 (0 = automatic), got {requested}")
-    if requested:
-        return requested
-    default = torch.get_num_threads()
-    if default == 1:
-        return 1
-    timings = {}
-    for threads in (default, 1):
-        torch.set_num_threads(threads)
-        timings[threads] = time_step()
-    torch.set_num_threads(default)
-    return min(timings, key=timings.get)
 
 
 def sample_all(lm, prompts: tuple[str, ...], max_new_tokens: int, seed: int) -> dict[str, str]:
@@ -165,7 +109,6 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
         eval_examples: Held-out questions per task behind the SFT accuracies (GRPO's arithmetic figure uses 2.5 x as many, DPO's half as many pairs per task).
         threads: CPU threads for torch; 0 = whichever of one per core and a single thread trains faster right now (a single thread wins when other work keeps the cores busy).
     """
-    from acornlm.cli.demo_finetune import check_finetune_options, figure_lines, run_finetune, summary_section
     from acornlm.data.corpus import iter_documents
     from acornlm.data.prepare import prepare_data
     from acornlm.data.shakespeare import fetch_shakespeare
