@@ -107,12 +107,15 @@ def main() -> None:
     stages = tuple(s.strip() for s in args.stages.split(","))
     settings = quick(SETTINGS) if args.quick else SETTINGS
 
+    def jsonable(options: dict) -> dict:  # a stage's config dataclass as its fields
+        return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in options.items()}
+
     def schedule(train: TrainConfig) -> dict:
         return {key: getattr(train, key) for key in ("max_steps", "batch_size", "learning_rate", "min_lr")}
 
     result: dict = {"settings": {"model": START_MODEL, "sft": schedule(settings.sft_train),
-                                 "grpo": {**settings.grpo, **schedule(settings.grpo_train)},
-                                 "dpo": {**settings.dpo, **schedule(settings.dpo_train)}}}
+                                 "grpo": {**jsonable(settings.grpo), **schedule(settings.grpo_train)},
+                                 "dpo": {**jsonable(settings.dpo), **schedule(settings.dpo_train)}}}
     if args.sft:
         init, stages = resolve_checkpoint(args.sft), tuple(s for s in stages if s != "sft")
     elif "sft" not in stages:

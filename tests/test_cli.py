@@ -94,3 +94,31 @@ def test_unknown_preset_is_one_line_error(tmp_path):
     result = run_cli("train", "pretrain", "--config", "no-such-preset.yaml", "--data", str(tmp_path))
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
+
+
+def test_stage_options_are_config_dataclasses_with_yaml_defaults(capsys):
+    """`--dpo.beta`, `--grpo.group_size`, `--distill.alpha`: each stage's options are a config dataclass,
+    its defaults (and the stage's train defaults) read from acornlm/train/defaults/STAGE.yaml."""
+    import dataclasses
+
+    from acornlm.cli import align, finetune, main
+    from acornlm.train.config import TrainConfig, stage_defaults
+
+    for stage, train, options in (("dpo", align.DEFAULT_DPO_TRAIN, align.DEFAULT_DPO),
+                                  ("grpo", align.DEFAULT_GRPO_TRAIN, align.DEFAULT_GRPO),
+                                  ("distill", align.DEFAULT_DISTILL_TRAIN, align.DEFAULT_DISTILL),
+                                  ("sft", finetune.DEFAULT_SFT_TRAIN, None)):
+        defaults = stage_defaults(stage)
+        assert train == TrainConfig(**defaults["train"])
+        if options is not None:
+            assert dataclasses.asdict(options) == defaults[stage]
+    for command, option, value, message in (("dpo", "--dpo.beta", "-1", "--dpo.beta must be > 0"),
+                                            ("grpo", "--grpo.group_size", "1", "--grpo.group_size must be >= 2"),
+                                            ("grpo", "--grpo.temperature", "5", "temperature must be a number in"),
+                                            ("distill", "--distill.alpha", "2", "--distill.alpha must be in [0, 1]")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", command, "--init", "x", "--out", "y", option, value])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "grpo", "--help"])
+    assert "--grpo.group_size" in capsys.readouterr().out

@@ -111,13 +111,14 @@ def kl_to_teacher(student_dir, teacher_dir, data) -> float:
 def test_distill_cli_moves_the_student_towards_the_teacher(checkpoints, tmp_path):
     from acornlm.cli.align import distill
     from acornlm.train.config import TrainConfig
+    from acornlm.train.distill import DistillConfig
 
     out = tmp_path / "run"
     train = TrainConfig(max_steps=12, batch_size=8, seq_len=64, learning_rate=2e-2, min_lr=2e-3, warmup_steps=1,
                         weight_decay=0.0, eval_interval=6, eval_batches=2, save_interval=6, log_interval=1,
                         progress=False)
     distill(data=str(checkpoints["data"]), teacher=str(checkpoints["teacher"]), init=str(checkpoints["student"]),
-            out=str(out), train=train, temperature=1.0, alpha=1.0)
+            out=str(out), train=train, distill=DistillConfig(temperature=1.0, alpha=1.0))
     before = kl_to_teacher(checkpoints["student"], checkpoints["teacher"], checkpoints["data"])
     after = kl_to_teacher(out, checkpoints["teacher"], checkpoints["data"])
     assert after < 0.9 * before, (before, after)  # training on the labels alone (alpha 0) raises it to ~4x

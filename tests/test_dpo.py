@@ -10,7 +10,7 @@ import torch
 
 from acornlm.data.preferences import detect_preference_format, load_preference_pairs
 from acornlm.errors import ConfigError, DataError
-from acornlm.train.dpo import check_dpo_settings, dpo_loss
+from acornlm.train.dpo import DPOConfig, check_dpo_settings, dpo_loss
 from acornlm.train.losses import sequence_logprobs
 
 
@@ -220,7 +220,7 @@ def test_dpo_cli_trains_from_the_reference(tiny_checkpoint, tmp_path, precompute
 
     out = tmp_path / "run"
     dpo(init=str(tiny_checkpoint), out=str(out), tasks="arithmetic,reverse", num_pairs=24, train=tiny_train(),
-        lora=LoraConfig(rank=lora_rank, alpha=4.0), beta=0.5, precompute_reference=precompute)
+        lora=LoraConfig(rank=lora_rank, alpha=4.0), dpo=DPOConfig(beta=0.5, precompute_reference=precompute))
     records = read_metrics(out)
     # The policy starts as the reference: every implicit reward is 0 and the loss is -log sigmoid(0) = ln 2.
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
@@ -313,12 +313,12 @@ def test_dpo_through_the_command_line(tiny_checkpoint, tmp_path, capsys):
 
     out = tmp_path / "run"
     main(["train", "dpo", "--init", str(tiny_checkpoint), "--out", str(out), "--tasks", "sort", "--num-pairs", "16",
-          "--loss-type", "ipo", "--beta", "0.5", "--lora.rank", "2", "--lora.targets", "q_proj,v_proj",
+          "--dpo.loss_type", "ipo", "--dpo.beta", "0.5", "--lora.rank", "2", "--lora.targets", "q_proj,v_proj",
           "--train.max_steps", "2", "--train.batch_size", "2", "--train.seq_len", "64", "--train.eval_interval", "2",
           "--train.eval_batches", "1", "--train.progress", "false"])
     assert "held-out preference accuracy" in capsys.readouterr().err
     assert (out / "checkpoints" / "step-0000002" / "adapter_config.json").is_file()
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "dpo", "--init", str(tiny_checkpoint), "--out", str(tmp_path / "x"), "--tasks", "sort",
-              "--label-smoothing", "0.2", "--loss-type", "ipo", "--train.seq_len", "64"])
+              "--dpo.label_smoothing", "0.2", "--dpo.loss_type", "ipo", "--train.seq_len", "64"])
     assert exit_info.value.code == 2 and "label_smoothing applies to the sigmoid" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from acornlm.train.grpo import group_advantages, grpo_loss
+from acornlm.train.grpo import GRPOConfig, group_advantages, grpo_loss
 from acornlm.train.losses import kl_k3
 from acornlm.train.rewards import RewardRunner
 
@@ -186,7 +186,7 @@ def test_grpo_cli_with_kl_starts_at_zero_kl_and_survives_a_failing_reward(tiny_c
     out = tmp_path / "run"
     with pytest.warns(RuntimeWarning, match="'.*my_rewards.py:flaky' raised ValueError: odd length") as caught:
         grpo(init=str(tiny_checkpoint), out=str(out), tasks="arithmetic", num_prompts=10,
-             reward=f"task,{rewards}:flaky", group_size=4, max_new_tokens=6, kl_beta=0.1,
+             grpo=GRPOConfig(reward=f"task,{rewards}:flaky", group_size=4, max_new_tokens=6, kl_beta=0.1),
              lora=LoraConfig(rank=2, alpha=4.0), train=tiny_train())
     assert len([w for w in caught if "flaky" in str(w.message)]) == 1  # shown once
     records = read_metrics(out)
@@ -206,8 +206,8 @@ def test_grpo_raises_a_simple_reward(tiny_checkpoint, tmp_path):
     rewards.write_text("def digits(completion, example):\n"
                        "    return sum(c.isdigit() for c in completion) / max(len(completion), 1)\n")
     out = tmp_path / "run"
-    grpo(init=str(tiny_checkpoint), out=str(out), tasks="reverse", num_prompts=20, reward=f"{rewards}:digits",
-         group_size=8, max_new_tokens=8, temperature=1.0,
+    grpo(init=str(tiny_checkpoint), out=str(out), tasks="reverse", num_prompts=20,
+         grpo=GRPOConfig(reward=f"{rewards}:digits", group_size=8, max_new_tokens=8, temperature=1.0),
          train=tiny_train(max_steps=12, batch_size=2, learning_rate=2e-2, min_lr=2e-2, eval_interval=0))
     rewards_per_step = [r["reward"] for r in read_metrics(out)]
     assert sum(rewards_per_step[-3:]) / 3 > 2 * sum(rewards_per_step[:3]) / 3 + 0.05, rewards_per_step
@@ -236,8 +236,8 @@ def test_grpo_resume_is_bitwise_identical(tiny_checkpoint, tmp_path):
     from acornlm.cli.align import grpo
     from acornlm.train.metrics import TIMING_FIELDS
 
-    settings = dict(init=str(tiny_checkpoint), tasks="arithmetic", num_prompts=10, group_size=4, max_new_tokens=6,
-                    kl_beta=0.1, train=tiny_train(eval_interval=0))
+    settings = dict(init=str(tiny_checkpoint), tasks="arithmetic", num_prompts=10,
+                    grpo=GRPOConfig(group_size=4, max_new_tokens=6, kl_beta=0.1), train=tiny_train(eval_interval=0))
     straight = tmp_path / "straight"
     grpo(out=str(straight), **settings)
     resumed = tmp_path / "resumed"

@@ -74,7 +74,8 @@ def finetune_settings(model_config: ModelConfig, finetune: str, minutes: float, 
                        max_steps=max(2, round(recipe["grpo"]["steps_per_minute"] * minutes)))
     dpo = TrainConfig(**recipe["dpo"]["train"], **common, max_minutes=minutes * shares["dpo"],
                       max_steps=max(2, round(recipe["dpo"]["steps_per_minute"] * minutes)))
-    grpo_task = {**default_grpo(), "max_new_tokens": recipe["grpo"]["max_new_tokens"]}
+    grpo_task = default_grpo()
+    grpo_task["grpo"] = dataclasses.replace(grpo_task["grpo"], max_new_tokens=recipe["grpo"]["max_new_tokens"])
     dpo_tasks = {**default_dpo(), "num_pairs": recipe["dpo"]["pairs_per_task"]}
     if smoke:
         grpo = dataclasses.replace(grpo, batch_size=2, eval_batches=1)

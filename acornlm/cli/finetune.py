@@ -8,12 +8,10 @@ from pathlib import Path
 
 from acornlm.errors import ConfigError
 from acornlm.model.lora import LoraConfig
-from acornlm.train.config import TrainConfig
+from acornlm.train.config import TrainConfig, stage_defaults
 
-# Fine-tuning starts from a trained model: fewer steps and a gentler learning rate than pretraining.
-DEFAULT_SFT_TRAIN = TrainConfig(max_steps=1000, batch_size=16, seq_len=256, learning_rate=5e-4, min_lr=5e-5,
-                                warmup_steps=20, weight_decay=0.0, eval_interval=200, eval_batches=4,
-                                save_interval=200, log_interval=10)
+# The stage's defaults are data: acornlm/train/defaults/sft.yaml.
+DEFAULT_SFT_TRAIN = TrainConfig(**stage_defaults("sft")["train"])
 DEFAULT_LORA = LoraConfig()
 
 

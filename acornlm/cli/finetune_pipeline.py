@@ -37,19 +37,22 @@ from acornlm.eval.tasks import evaluate_tasks
 from acornlm.model.checkpoint import resolve_checkpoint
 from acornlm.model.lora import LoraConfig
 from acornlm.train.config import TrainConfig
+from acornlm.train.dpo import DPOConfig
+from acornlm.train.grpo import GRPOConfig
 
 STAGES = ("sft", "grpo", "dpo")
 Log = Callable[[str], None]
 
 
 def default_grpo() -> dict[str, Any]:
-    return dict(tasks="arithmetic", num_prompts=2000, reward="task", group_size=8, max_new_tokens=8, temperature=1.0)
+    return dict(tasks="arithmetic", num_prompts=2000,
+                grpo=GRPOConfig(reward="task", group_size=8, max_new_tokens=8, temperature=1.0))
 
 
 def default_dpo() -> dict[str, Any]:
     # Tasks whose right answer a small model learns to recognise; count needs letter counting inside
     # BPE tokens, about chance for these models, so it is left out.
-    return dict(tasks="arithmetic,reverse,sort", num_pairs=1000, beta=0.1)
+    return dict(tasks="arithmetic,reverse,sort", num_pairs=1000, dpo=DPOConfig(beta=0.1))
 
 
 @dataclass

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
 
 from acornlm.errors import ConfigError
 
@@ -88,3 +91,19 @@ class TrainConfig:
                 f"train.min_lr={self.min_lr} must be between 0 and train.learning_rate={self.learning_rate}")
         if self.max_minutes < 0:
             raise ConfigError(f"train.max_minutes must be >= 0, got {self.max_minutes}")
+
+
+STAGE_DEFAULTS_DIR = Path(__file__).parent / "defaults"
+
+
+def stage_defaults(stage: str) -> dict[str, Any]:
+    """A stage's default settings, acornlm/train/defaults/STAGE.yaml: a `train:` section (TrainConfig
+    fields) and one named after the stage (its own config dataclass's fields)."""
+    path = STAGE_DEFAULTS_DIR / f"{stage}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read the stage's defaults: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("train"), dict):
+        raise ConfigError(f"{path}: expected a `train:` section")
+    return data

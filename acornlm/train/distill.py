@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,25 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def check_distill_settings(temperature: float, alpha: float) -> None:
     if not temperature > 0:
-        raise ConfigError(f"--temperature must be > 0 (typical: 1 to 4), got {temperature}")
+        raise ConfigError(f"--distill.temperature must be > 0 (typical: 1 to 4), got {temperature}")
     if not 0 <= alpha <= 1:
-        raise ConfigError(f"--alpha must be in [0, 1] (1 = teacher only, 0 = labels only), got {alpha}")
+        raise ConfigError(f"--distill.alpha must be in [0, 1] (1 = teacher only, 0 = labels only), got {alpha}")
+
+
+@dataclass
+class DistillConfig:
+    """Distillation's own settings (`--distill.alpha 0.7`; defaults: acornlm/train/defaults/distill.yaml).
+
+    Args:
+        temperature: Softens both distributions (T > 1 shows more of the teacher's ranking of wrong tokens).
+        alpha: Weight of the teacher term; 1 - alpha weighs the hard-label cross-entropy.
+    """
+
+    temperature: float = 2.0
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_distill_settings(self.temperature, self.alpha)
 
 
 # --- the stage: SFT's batches, this loss ---
@@ -101,7 +118,7 @@ def load_teacher(teacher: str | Path, tokenizer: Tokenizer) -> tuple[Transformer
 
 def run_distill(data: str | Path | Sequence[str | Path], teacher: str | Path | None, init: str | Path | None,
                 out: str | Path, train_config: TrainConfig, lora: LoraConfig | None = None, *,
-                temperature: float = 2.0, alpha: float = 0.5, data_format: str = "auto",
+                distill: DistillConfig | None = None, data_format: str = "auto",
                 val_data: str | Path | Sequence[str | Path] | None = None, val_fraction: float = 0.05,
                 packing: bool = False, truncation: str = "truncate", resume: bool = False) -> dict[str, Any]:
     """Distil the checkpoint `teacher` into the student `init` on the chat data in `data`.
@@ -109,7 +126,7 @@ def run_distill(data: str | Path | Sequence[str | Path], teacher: str | Path | N
     Returns the Trainer's summary plus the final "val_kl" and "val_hard_loss". On --resume the
     teacher recorded in the run is used unless another one is given.
     """
-    check_distill_settings(temperature, alpha)
+    distill = distill or DistillConfig()
     start = resolve_start(init, out, resume, lora, train_config)
     teacher = teacher or start.info.get("teacher")
     if teacher is None:
@@ -135,13 +152,13 @@ def run_distill(data: str | Path | Sequence[str | Path], teacher: str | Path | N
                              seed=train_config.seed, row_tokens=max_tokens, packing=packing,
                              pad_id=start.tokenizer.eot_id, grad_accum_steps=train_config.grad_accum_steps,
                              rank=context.rank, world_size=context.world_size)
-        loss = DistillationLoss(teacher_model, start.tokenizer.vocab_size, temperature, alpha)
+        loss = DistillationLoss(teacher_model, start.tokenizer.vocab_size, distill.temperature, distill.alpha)
         trainer = Trainer(
             model, train_config, start.out_dir, batches, loss, context=context, device=device,
             tokenizer_dir=start.source, resume_from=start.checkpoint, write_model=start.write_model,
             checkpoint_info=start.checkpoint_info(
                 "distill", data=[str(p) for p in as_path_list(data)], teacher=str(teacher_path),
-                distill={"temperature": temperature, "alpha": alpha}),
+                distill=dataclasses.asdict(distill)),
         )
         summary = trainer.fit()
     finally:

@@ -117,13 +117,35 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
 def check_dpo_settings(beta: float, label_smoothing: float, loss_type: str) -> None:
     """Reject settings that cannot work before anything is loaded."""
     if loss_type not in DPO_LOSS_TYPES:
-        raise ConfigError(f"--loss_type {loss_type!r} is unknown; choose one of {', '.join(DPO_LOSS_TYPES)}")
+        raise ConfigError(f"--dpo.loss_type {loss_type!r} is unknown; choose one of {', '.join(DPO_LOSS_TYPES)}")
     if not beta > 0:
-        raise ConfigError(f"--beta must be > 0 (typical: 0.1), got {beta}")
+        raise ConfigError(f"--dpo.beta must be > 0 (typical: 0.1), got {beta}")
     if not 0 <= label_smoothing < 0.5:
-        raise ConfigError(f"--label_smoothing must be in [0, 0.5) (0 = plain DPO), got {label_smoothing}")
+        raise ConfigError(f"--dpo.label_smoothing must be in [0, 0.5) (0 = plain DPO), got {label_smoothing}")
     if loss_type == "ipo" and label_smoothing:
-        raise ConfigError("--label_smoothing applies to the sigmoid (DPO) loss only; drop it for --loss_type ipo")
+        raise ConfigError("--dpo.label_smoothing applies to the sigmoid (DPO) loss only; drop it for "
+                          "--dpo.loss_type ipo")
+
+
+@dataclass
+class DPOConfig:
+    """DPO's own settings (`--dpo.beta 0.2`; the stage's defaults are acornlm/train/defaults/dpo.yaml).
+
+    Args:
+        beta: Strength of the pull towards the reference (higher = stay closer); typical 0.1.
+        label_smoothing: Conservative DPO: the probability that a pair's labels are flipped (0 = plain DPO).
+        loss_type: "sigmoid" (DPO) or "ipo" (squared loss on length-averaged log-probs, Azar et al.).
+        precompute_reference: Compute the reference log-probs once before training, so no frozen copy
+            of the model stays in memory.
+    """
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    precompute_reference: bool = True
+
+    def __post_init__(self) -> None:
+        check_dpo_settings(self.beta, self.label_smoothing, self.loss_type)
 
 
 # --- the DPO stage: batches, reference log-probs, loss ---
@@ -243,8 +265,7 @@ class DPOLoss:
 
 
 def run_dpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | None, out: str | Path,
-            train_config: TrainConfig, lora: LoraConfig | None = None, *, beta: float = 0.1,
-            label_smoothing: float = 0.0, loss_type: str = "sigmoid", precompute_reference: bool = True,
+            train_config: TrainConfig, lora: LoraConfig | None = None, *, dpo: DPOConfig | None = None,
             tasks: str | None = None, num_pairs: int = 1000, data_format: str = "auto",
             val_data: str | Path | Sequence[str | Path] | None = None, val_fraction: float = 0.05,
             on_identical: str = "skip", resume: bool = False) -> dict[str, Any]:
@@ -252,9 +273,9 @@ def run_dpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | N
 
     Returns the Trainer's summary plus the final preference metrics ("val_preference_accuracy",
     "val_reward_margin", ...) and what happened to the data. The reference is the starting
-    model; with `precompute_reference` its log-probs are computed once, before training.
+    model; with `dpo.precompute_reference` its log-probs are computed once, before training.
     """
-    check_dpo_settings(beta, label_smoothing, loss_type)
+    dpo = dpo or DPOConfig()
     start = resolve_start(init, out, resume, lora, train_config)
     train_pairs, val_pairs, description = dpo_pairs(data, tasks, num_pairs, val_data, val_fraction, data_format,
                                                     on_identical, train_config.seed)
@@ -265,7 +286,7 @@ def run_dpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | N
     if not train_encoded or not val_encoded:
         raise DataError(f"no preference pair fits train.seq_len={train_config.seq_len} ({stats.summary()}); "
                         "raise train.seq_len or use shorter prompts")
-    average = loss_type == "ipo"
+    average = dpo.loss_type == "ipo"
 
     context, device = distributed.setup(train_config.device)
     try:
@@ -273,7 +294,7 @@ def run_dpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | N
         distributed.log(f"dpo data: {stats.summary()}; {len(val_encoded):,} held out for validation", context)
         reference: nn.Module | None = None
         train_reference = val_reference = None
-        if precompute_reference:
+        if dpo.precompute_reference:
             reference = load_reference(start).to(device)
             autocast = select_precision(device, train_config.dtype).autocast()
             pad = start.tokenizer.eot_id
@@ -288,15 +309,15 @@ def run_dpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | N
         batches = PreferenceBatches(train_encoded, val_encoded, train_config.batch_size, train_config.seed,
                                     start.tokenizer.eot_id, context.rank, context.world_size,
                                     train_config.grad_accum_steps, train_reference, val_reference)
-        loss = DPOLoss(beta, label_smoothing, loss_type, reference)
+        loss = DPOLoss(dpo.beta, dpo.label_smoothing, dpo.loss_type, reference)
         trainer = Trainer(
             model, train_config, start.out_dir, batches, loss, context=context, device=device,
             tokenizer_dir=start.source, resume_from=start.checkpoint, write_model=start.write_model,
             checkpoint_info=start.checkpoint_info(
                 "dpo", data=[str(p) for p in as_path_list(data)] if data is not None else f"tasks:{tasks}",
-                dpo={"beta": beta, "label_smoothing": label_smoothing, "loss_type": loss_type}),
+                dpo=dataclasses.asdict(dpo)),
         )
-        if not precompute_reference and start.lora.enabled:
+        if not dpo.precompute_reference and start.lora.enabled:
             # LoRA leaves the base weights untouched: they are the reference, shared, not copied
             loss.reference = base_model_view(trainer.raw_model).eval().requires_grad_(False)
         summary = trainer.fit()

@@ -19,6 +19,7 @@ log pi, and the clip only bites if the same samples were reused for several upda
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,20 +296,57 @@ def grpo_prompts(data: str | Path | Sequence[str | Path] | None, tasks: str | No
     return train, val, f"{len(train):,} synthetic prompts from tasks {tasks} (+{len(val):,} held out)"
 
 
+@dataclass
+class GRPOConfig:
+    """GRPO's own settings (`--grpo.group_size 16`; the stage's defaults: acornlm/train/defaults/grpo.yaml).
+
+    Args:
+        reward: Comma-separated reward functions, summed: "task" (the checkers of the synthetic tasks:
+            needs "task" and "answer" in each record), "module:function" or "path/to/file.py:function".
+        group_size: Completions sampled per prompt (G); advantages compare them within the group.
+        max_new_tokens: Longest completion sampled.
+        temperature: Sampling temperature of the completions (exploration), in (0, 2].
+        top_k: Sample among the k most likely tokens only; 0 = off.
+        top_p: Nucleus sampling threshold; 1 = off.
+        clip_eps: PPO clip range of the policy ratio.
+        kl_beta: Weight of the KL penalty to the starting model (k3 estimator); 0 = none, and no
+            reference model in memory.
+    """
+
+    reward: str = "task"
+    group_size: int = 8
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    clip_eps: float = 0.2
+    kl_beta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ConfigError("--grpo.group_size must be >= 2: advantages compare completions within a group, "
+                              f"got {self.group_size}")
+        if not self.clip_eps > 0:
+            raise ConfigError(f"--grpo.clip_eps must be > 0, got {self.clip_eps}")
+        if not self.kl_beta >= 0:
+            raise ConfigError(f"--grpo.kl_beta must be >= 0 (0 = no KL penalty), got {self.kl_beta}")
+        if not self.temperature > 0:
+            raise ConfigError(f"--grpo.temperature must be > 0: GRPO needs different samples, got {self.temperature}")
+        SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                       top_p=self.top_p)  # the sampler's own ranges, named
+
+
 def run_grpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | None, out: str | Path,
-             train_config: TrainConfig, lora: LoraConfig | None = None, *, reward: str = "task",
+             train_config: TrainConfig, lora: LoraConfig | None = None, *, grpo: GRPOConfig | None = None,
              tasks: str | None = None, num_prompts: int = 1000, val_data: str | Path | Sequence[str | Path] | None = None,
-             val_fraction: float = 0.05, group_size: int = 8, max_new_tokens: int = 32, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, clip_eps: float = 0.2, kl_beta: float = 0.0,
-             resume: bool = False) -> dict[str, Any]:
+             val_fraction: float = 0.05, resume: bool = False) -> dict[str, Any]:
     """Improve the checkpoint `init` by GRPO on the rewards of its own sampled completions.
 
     Returns the Trainer's summary plus "val_reward" (mean reward of greedy answers to held-out
     prompts at the last evaluation) and the reward functions' error counts.
     """
-    if group_size < 2:
-        raise ConfigError(f"--group_size must be >= 2: advantages compare completions within a group, got {group_size}")
-    functions, names = load_reward_functions(reward)
+    grpo = grpo or GRPOConfig()
+    functions, names = load_reward_functions(grpo.reward)
     start = resolve_start(init, out, resume, lora, train_config)
     train_records, val_records, description = grpo_prompts(data, tasks, num_prompts, val_data, val_fraction,
                                                            train_config.seed)
@@ -317,22 +355,21 @@ def run_grpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | 
         distributed.log(f"grpo data: {description}; rewards: {', '.join(names)}", context)
         model = build_policy(start, train_config, context, "grpo")
         runner = RewardRunner(functions, names)
-        batches = GRPOBatches(model, start.tokenizer, train_records, val_records, runner, group_size=group_size,
-                              batch_size=train_config.batch_size, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_k=top_k, top_p=top_p, seed=train_config.seed,
+        batches = GRPOBatches(model, start.tokenizer, train_records, val_records, runner, group_size=grpo.group_size,
+                              batch_size=train_config.batch_size, max_new_tokens=grpo.max_new_tokens,
+                              temperature=grpo.temperature, top_k=grpo.top_k, top_p=grpo.top_p, seed=train_config.seed,
                               seq_len=train_config.seq_len, rank=context.rank, world_size=context.world_size,
                               grad_accum_steps=train_config.grad_accum_steps)
-        reference = load_reference(start) if kl_beta > 0 and not start.lora.enabled else None
-        loss = GRPOLoss(clip_eps, kl_beta, reference)
+        reference = load_reference(start) if grpo.kl_beta > 0 and not start.lora.enabled else None
+        loss = GRPOLoss(grpo.clip_eps, grpo.kl_beta, reference)
         trainer = Trainer(
             model, train_config, start.out_dir, batches, loss, context=context, device=device,
             tokenizer_dir=start.source, resume_from=start.checkpoint, write_model=start.write_model,
             checkpoint_info=start.checkpoint_info(
                 "grpo", data=[str(p) for p in as_path_list(data)] if data is not None else f"tasks:{tasks}",
-                grpo={"reward": reward, "group_size": group_size, "max_new_tokens": max_new_tokens,
-                      "temperature": temperature, "clip_eps": clip_eps, "kl_beta": kl_beta}),
+                grpo=dataclasses.asdict(grpo)),
         )
-        if kl_beta > 0 and start.lora.enabled:
+        if grpo.kl_beta > 0 and start.lora.enabled:
             # LoRA leaves the base weights untouched: they are the reference, shared, not copied
             loss.reference = base_model_view(trainer.raw_model).eval().requires_grad_(False)
         summary = trainer.fit()
