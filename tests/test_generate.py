@@ -10,6 +10,7 @@ import acornlm
 from acornlm.cli import main
 from acornlm.cli.generate import generate as generate_cli
 from acornlm.cli.generate import unescape
+from acornlm.cli.terminal import visible
 from acornlm.errors import ConfigError
 from acornlm.infer import LanguageModel, SamplingParams, StreamingDetokenizer, generate_batch, generate_tokens
 from acornlm.infer.sampling import (
@@ -385,7 +386,7 @@ def test_cli_streams_the_continuation_to_stdout(checkpoint, capsys, monkeypatch)
     run, _, _ = checkpoint
     expected = acornlm.load(run, device="cpu").generate("héllo", max_new_tokens=15, seed=2, temperature=0.8)
     generate_cli(ckpt=str(run), prompt="héllo", max_new_tokens=15, seed=2, device="cpu")
-    assert capsys.readouterr().out == "héllo" + expected + "\n"
+    assert capsys.readouterr().out == "héllo" + visible(expected) + "\n"
 
     recorder = RecordingStdout()
     monkeypatch.setattr("sys.stdout", recorder)
@@ -403,8 +404,8 @@ def test_cli_separates_samples_and_reads_a_prompt_file(checkpoint, capsys, tmp_p
     samples = acornlm.load(run, device="cpu").generate("你好", max_new_tokens=8, seed=1, num_samples=2,
                                                         temperature=0.8)
     assert out.count("sample 1/2") == 1 and out.count("sample 2/2") == 1
-    assert out.split("\n", 1)[1].startswith("你好" + samples[0] + "\n")
-    assert out.endswith("你好" + samples[1] + "\n")
+    assert out.split("\n", 1)[1].startswith("你好" + visible(samples[0]) + "\n")
+    assert out.endswith("你好" + visible(samples[1]) + "\n")
 
 
 def test_cli_reports_missing_options(checkpoint):
@@ -424,5 +425,5 @@ def test_cli_command_line_joins_prompt_words_and_unescapes_stop(checkpoint, caps
     stop = full[2:4]
     main(["generate", "--ckpt", str(run), "--prompt", "héllo", "wörld", "--max-new-tokens", "12",
           "--temperature", "0", "--stop", stop, "\\n\\n", "--device", "cpu"])
-    assert capsys.readouterr().out == "héllo wörld" + full[:full.find(stop)] + "\n"
+    assert capsys.readouterr().out == "héllo wörld" + visible(full[:full.find(stop)]) + "\n"
     assert unescape("a\\nb\\tc\\\\n") == "a\nb\tc\\n"

@@ -10,6 +10,7 @@ from test_generate import checkpoint, random_ids, tiny_model, tokenizer  # noqa:
 import acornlm
 from acornlm.accel.onednn import OneDNNLinear as Linear
 from acornlm.cli import main
+from acornlm.cli.terminal import visible
 from acornlm.errors import ConfigError
 from acornlm.infer import SamplingParams, generate_tokens
 from acornlm.infer.engine import Engine
@@ -81,7 +82,7 @@ def test_quantized_checkpoint_generates_through_api_engine_and_cli(checkpoint, c
 
     main(["generate", "--ckpt", str(run), "--prompt", "héllo", "--max-new-tokens", "10", "--temperature", "0",
           "--device", "cpu", "--quantize", "int8"])
-    assert capsys.readouterr().out == "héllo" + lm.decode(tokens) + "\n"
+    assert capsys.readouterr().out == "héllo" + visible(lm.decode(tokens)) + "\n"
 
 
 def test_bad_quantization_requests_are_refused(checkpoint, capsys):  # noqa: F811

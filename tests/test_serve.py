@@ -16,6 +16,7 @@ import openai
 import pytest
 import torch
 
+from acornlm.cli.terminal import visible
 from acornlm.data.chat import render_prompt
 from acornlm.errors import ConfigError
 from acornlm.infer.engine import Engine, EngineStopped
@@ -392,7 +393,7 @@ def test_chat_cli_multi_turn_with_commands(checkpoint, monkeypatch, capsys):
                {"role": "assistant", "content": first.replace("<|im_start|>", "")},
                {"role": "user", "content": "the queen"}]
     second = lm.generate(chat_text(history, True), max_new_tokens=4, **greedy)
-    assert f"assistant> {first}\n" in out and f"assistant> {second}\n" in out  # the second turn saw the first
+    assert f"assistant> {visible(first)}\n" in out and f"assistant> {visible(second)}\n" in out  # saw the first
     assert "error: unknown setting 'bogus'" in out and "error: temperature must be a number in [0, 2]" in out
     assert "max_new_tokens: 4" in out and "(conversation cleared)" in out
     assert out.count("assistant> ") == 2 and "never read" not in out

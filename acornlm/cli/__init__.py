@@ -17,7 +17,7 @@ import json
 import sys
 
 from acornlm.allocator import keep_freed_memory
-from acornlm.errors import AcornError
+from acornlm.errors import AcornError, ConfigError
 
 # Options that take several values (`--input a.txt b.txt`).
 MULTI_VALUE_OPTIONS = {"--input", "--val_input", "--stop", "--prompt"}
@@ -71,6 +71,18 @@ def normalize_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def check_utf8(argv: list[str]) -> None:
+    """ConfigError for an argument that is not UTF-8 text. Python hands such bytes over as lone
+    surrogates, which the option parser would otherwise turn into strange values (a JSON list)."""
+    for position, token in enumerate(argv, start=1):
+        try:
+            token.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = token.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise ConfigError(f"command-line argument {position} ({shown[:60]!r}) is not valid UTF-8 text; "
+                              "pass the text in UTF-8, or put it in a file (--prompt_file)") from None
+
+
 def build_commands() -> dict:
     from acornlm.cli import (
         align,
@@ -109,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     keep_freed_memory()  # faster training and prefill on the CPU (acornlm/allocator.py)
     try:
+        check_utf8(argv)
         CLI(build_commands(), args=normalize_argv(argv), prog="acornlm", as_positional=False)
     except AcornError as exc:
         print(f"acornlm: error: {exc}", file=sys.stderr)

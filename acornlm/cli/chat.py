@@ -6,12 +6,16 @@ import sys
 from dataclasses import fields
 from typing import Any, TextIO
 
+from acornlm.cli.terminal import visible
 from acornlm.errors import ConfigError
+from acornlm.infer.sampling import offset_seed
+from acornlm.tokenizer import SPECIAL_TOKENS
 
 HELP = """commands:
   /reset              forget the conversation (the system prompt stays)
-  /set KEY VALUE      change a setting: temperature, top_p, top_k, min_p, max_new_tokens, repetition_penalty,
-                      frequency_penalty, presence_penalty, seed (none = random), system (the system prompt)
+  /set KEY VALUE      change a setting: temperature (0-2), top_p, top_k, min_p, max_new_tokens,
+                      repetition_penalty (0.01-100), frequency_penalty and presence_penalty (-2 to 2),
+                      seed (none = random), system (the system prompt)
   /show               print the current settings
   /help               this text
   /quit               leave (Ctrl-D works too)"""
@@ -39,8 +43,38 @@ def parse_setting(sampling: dict, key: str, value: str) -> dict:
 def _number(key: str, value: str, kind: type) -> int | float:
     try:
         return kind(value)
-    except ValueError as exc:
-        raise ConfigError(f"{key} needs {'an integer' if kind is int else 'a number'}, got {value!r}") from exc
+    except ValueError as exc:  # not a number, or an integer over Python's 4300 digits
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise ConfigError(f"{key} needs {'an integer' if kind is int else 'a number'}, got {shown!r}") from exc
+
+
+def check_system_prompt(system: str | None) -> str | None:
+    """The system prompt, or ConfigError when it holds a ChatML special token (as a user message may
+    not): it would end the system turn early and let the prompt forge turns of its own."""
+    if system and any(token in system for token in SPECIAL_TOKENS):
+        found = next(token for token in SPECIAL_TOKENS if token in system)
+        raise ConfigError(f"the system prompt contains the special token {found}, which only the chat template "
+                          "may write; remove it")
+    return system
+
+
+def read_line(stdin: TextIO) -> str | None:
+    """The next input line (None at the end of input); ConfigError for a line that is not UTF-8 text.
+
+    The terminal's bytes arrive decoded with errors="surrogateescape" (see `chat`), so a bad byte
+    shows up as a lone surrogate here instead of an exception that would end the session.
+    """
+    try:
+        line = stdin.readline()
+    except UnicodeDecodeError as exc:
+        raise ConfigError("that line is not valid UTF-8 text; type it again") from exc
+    if not line:
+        return None
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError("that line is not valid UTF-8 text; type it again") from exc
+    return line
 
 
 def fit_history(history: list[dict[str, str]], system: str | None, count_tokens, budget: int) -> list[dict[str, str]]:
@@ -81,13 +115,13 @@ def chat(
 
     Args:
         ckpt: Checkpoint directory, or a run directory (its latest checkpoint is used).
-        system: System prompt placed before the conversation.
+        system: System prompt placed before the conversation (ChatML special tokens are refused).
         max_new_tokens: Most tokens per reply.
-        temperature: Sampling temperature; 0 = greedy.
+        temperature: Sampling temperature in [0, 2]; 0 (or below 1e-5) = greedy.
         top_k: Sample only among the k most likely tokens; 0 = no limit.
         top_p: Nucleus sampling threshold; 1 = off.
         min_p: Drop tokens less likely than min_p x the most likely one; 0 = off.
-        repetition_penalty: Penalty > 1 on tokens already seen; 1 = off.
+        repetition_penalty: Penalty > 1 on tokens already seen, in [0.01, 100]; 1 = off.
         seed: Random seed of the first reply (later replies use seed + turn number); none = random.
         device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N" or "mps".
         dtype: "auto" (as stored in the checkpoint), "float32", "bfloat16" or "float16".
@@ -106,15 +140,17 @@ def chat(
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repetition_penalty=repetition_penalty, seed=seed)
     SamplingParams.from_kwargs(**sampling)  # bad settings fail before the model loads
+    check_system_prompt(system)
     lm = LanguageModel.from_checkpoint(ckpt, device=device, dtype=dtype, quantize=quantize,
                                        rope_scaling=rope_scaling, max_position_embeddings=max_position_embeddings)
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # a bad byte becomes an error line, not a crash
     run_chat(lm, sampling, system, sys.stdin, sys.stdout)
 
 
 def run_chat(lm, sampling: dict, system: str | None, stdin: TextIO, stdout: TextIO) -> None:
     """The read-reply loop, on any text streams (so tests can drive it)."""
     from acornlm.data.chat import IM_END_ID, chat_text, message_problem
-    from acornlm.tokenizer import SPECIAL_TOKENS
 
     stop_ids = [IM_END_ID, lm.tokenizer.eot_id]
     context = lm.config.max_position_embeddings
@@ -124,8 +160,12 @@ def run_chat(lm, sampling: dict, system: str | None, stdin: TextIO, stdout: Text
     while True:
         stdout.write("\nyou> ")
         stdout.flush()
-        line = stdin.readline()
-        if not line:  # end of input (Ctrl-D)
+        try:
+            line = read_line(stdin)
+        except ConfigError as exc:
+            stdout.write(f"error: {visible(str(exc))}\n")
+            continue
+        if line is None:  # end of input (Ctrl-D)
             stdout.write("\n")
             return
         text = line.rstrip("\n")
@@ -141,36 +181,36 @@ def run_chat(lm, sampling: dict, system: str | None, stdin: TextIO, stdout: Text
             elif command == "/help":
                 stdout.write(HELP + "\n")
             elif command == "/show":
-                stdout.write(f"system: {system!r}\n" + "".join(f"{k}: {v}\n" for k, v in sampling.items()))
+                stdout.write(f"system: {visible(repr(system))}\n" + "".join(f"{k}: {v}\n" for k, v in sampling.items()))
             elif command == "/set":
                 key, _, value = rest.strip().partition(" ")
                 try:
                     if key == "system":
-                        system = value or None
+                        system = check_system_prompt(value or None)
                     else:
                         sampling = parse_setting(sampling, key, value.strip())
-                    stdout.write(f"({key} = {value.strip() or 'none'})\n")
+                    stdout.write(f"({visible(key)} = {visible(value.strip()) or 'none'})\n")
                 except ConfigError as exc:
-                    stdout.write(f"error: {exc}\n")
+                    stdout.write(f"error: {visible(str(exc))}\n")
             else:
-                stdout.write(f"unknown command {command}; /help lists the commands\n")
+                stdout.write(f"unknown command {visible(command)}; /help lists the commands\n")
             continue
 
         problem = message_problem(history + [{"role": "user", "content": text}], need_assistant=False)
         if problem:
-            stdout.write(f"error: {problem}\n")
+            stdout.write(f"error: {visible(problem)}\n")
             continue
         history.append({"role": "user", "content": text})
         budget = max(1, context - sampling["max_new_tokens"])
         messages = fit_history(history, system, lambda s: len(lm.encode(s)), budget)
         params = dict(sampling, stop_token_ids=stop_ids)
         if sampling.get("seed") is not None:
-            params["seed"] = sampling["seed"] + turn
+            params["seed"] = offset_seed(sampling["seed"], turn)
         stdout.write("assistant> ")
         reply = ""
         for piece in lm.stream(chat_text(messages, add_generation_prompt=True), **params):
             reply += piece
-            stdout.write(piece)
+            stdout.write(visible(piece))
             stdout.flush()
         stdout.write("\n")
         for token in SPECIAL_TOKENS:  # a special token in a reply would make the next prompt invalid

@@ -6,7 +6,34 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from acornlm.cli.terminal import visible
 from acornlm.errors import ConfigError, DataError
+from acornlm.infer.sampling import SamplingParams
+
+# The longest prompt file read: far beyond any model's context (a prompt is cut to the context
+# anyway), and small enough that `--prompt_file /dev/zero` ends at once with a clear error.
+MAX_PROMPT_FILE_BYTES = 16 * 2**20
+
+
+def read_prompt_file(prompt_file: str) -> str:
+    """The UTF-8 text of a prompt file, read up to MAX_PROMPT_FILE_BYTES; DataError naming the file."""
+    path = Path(prompt_file)
+    if path.is_dir():
+        raise DataError(f"prompt file {prompt_file} is a directory; give a text file")
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_PROMPT_FILE_BYTES + 1)
+    except FileNotFoundError as exc:
+        raise DataError(f"prompt file {prompt_file} does not exist") from exc
+    except OSError as exc:
+        raise DataError(f"prompt file {prompt_file} cannot be read: {exc.strerror or exc}") from exc
+    if len(data) > MAX_PROMPT_FILE_BYTES:
+        raise DataError(f"prompt file {prompt_file} is larger than {MAX_PROMPT_FILE_BYTES // 2**20} MiB, far "
+                        "beyond any model's context; give a shorter prompt")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"prompt file {prompt_file} is not UTF-8 text (byte offset {exc.start})") from exc
 
 
 def read_prompt(prompt: str | list[str] | None, prompt_file: str | None) -> str:
@@ -14,12 +41,7 @@ def read_prompt(prompt: str | list[str] | None, prompt_file: str | None) -> str:
     if prompt is not None and prompt_file is not None:
         raise ConfigError("give either --prompt or --prompt_file, not both")
     if prompt_file is not None:
-        try:
-            return Path(prompt_file).read_text(encoding="utf-8")
-        except FileNotFoundError as exc:
-            raise DataError(f"prompt file {prompt_file} does not exist") from exc
-        except UnicodeDecodeError as exc:
-            raise DataError(f"prompt file {prompt_file} is not UTF-8 text (byte offset {exc.start})") from exc
+        return read_prompt_file(prompt_file)
     if prompt is None:
         raise ConfigError("--prompt is required (or --prompt_file); use --prompt '' to start from nothing")
     return " ".join(prompt) if isinstance(prompt, list) else prompt
@@ -63,23 +85,24 @@ def generate(
 
     The prompt is printed first, then its continuation. With --num_samples N the samples are
     decoded together as one batch; the first is printed as it is generated, the others follow,
-    each after a divider line.
+    each after a divider line. Control characters (terminal escapes) in the prompt and output are
+    printed visibly, as \x1b, never sent to the terminal raw.
 
     Args:
         ckpt: Checkpoint directory, or a run directory (its latest checkpoint is used).
         prompt: Text to continue ('' starts a fresh document).
-        prompt_file: Read the prompt from this UTF-8 file instead of --prompt.
+        prompt_file: Read the prompt from this UTF-8 file (at most 16 MiB) instead of --prompt.
         max_new_tokens: Most tokens to generate per sample.
-        temperature: Sampling temperature; 0 = greedy (always the most likely token).
+        temperature: Sampling temperature in [0, 2]; 0 (or below 1e-5) = greedy (always the most likely token).
         top_k: Sample only among the k most likely tokens; 0 = no limit.
         top_p: Nucleus sampling: smallest set of tokens whose probabilities sum to >= top_p; 1 = off.
         min_p: Drop tokens less likely than min_p x the most likely token; 0 = off.
-        repetition_penalty: Penalty > 1 on tokens already in the prompt or output (CTRL-style); 1 = off.
-        frequency_penalty: Subtract this x (times a token was generated) from its logit; 0 = off.
-        presence_penalty: Subtract this from the logit of every token generated at least once; 0 = off.
+        repetition_penalty: Penalty > 1 on tokens already in the prompt or output (CTRL-style), in [0.01, 100]; 1 = off.
+        frequency_penalty: Subtract this x (times a token was generated) from its logit, in [-2, 2]; 0 = off.
+        presence_penalty: Subtract this from the logit of every token generated at least once, in [-2, 2]; 0 = off.
         stop: Stop strings (several allowed); the output ends before the first one. \n and \t are understood.
         seed: Random seed; the same seed and settings print the same text.
-        num_samples: Number of independent samples of the same prompt.
+        num_samples: Number of independent samples of the same prompt (at most 256).
         device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N" or "mps".
         dtype: "auto" (as stored in the checkpoint), "float32", "bfloat16" or "float16".
         quantize: "none", or "int8": int8 weights in the linear layers, for faster CPU decoding of a few
@@ -99,30 +122,31 @@ def generate(
         presence_penalty=presence_penalty, stop=[unescape(s) for s in stop or []], seed=seed,
         num_samples=num_samples,
     )
+    SamplingParams.from_kwargs(**sampling)  # bad settings fail before the model loads
     lm = LanguageModel.from_checkpoint(ckpt, device=device, dtype=dtype, quantize=quantize,
                                        rope_scaling=rope_scaling, max_position_embeddings=max_position_embeddings)
     out = sys.stdout
     if num_samples == 1:
-        out.write(text)
+        out.write(visible(text))
         for piece in lm.stream(text, **sampling):
-            out.write(piece)
+            out.write(visible(piece))
             out.flush()
         out.write("\n")
         out.flush()
         return
     later_samples = [""] * num_samples
     print_divider(out, 0, num_samples)
-    out.write(text)
+    out.write(visible(text))
     for sample, piece in lm.stream_samples(text, **sampling):
         if sample == 0:
-            out.write(piece)
+            out.write(visible(piece))
             out.flush()
         else:
             later_samples[sample] += piece
     out.write("\n")
     for sample in range(1, num_samples):
         print_divider(out, sample, num_samples)
-        out.write(text + later_samples[sample] + "\n")
+        out.write(visible(text + later_samples[sample]) + "\n")
     out.flush()
 
 
