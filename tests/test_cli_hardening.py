@@ -15,7 +15,7 @@ from acornlm.cli import main
 from acornlm.cli.chat import chat, run_chat
 from acornlm.cli.generate import MAX_PROMPT_FILE_BYTES, generate
 from acornlm.cli.terminal import visible
-from acornlm.errors import ConfigError, DataError
+from acornlm.errors import ConfigError, DataError, GenerationError
 
 ESCAPES = "\x1b]0;pwned\x07\x1b[2J\r\x9b31m"
 
@@ -83,6 +83,29 @@ def test_chat_survives_bad_input_and_refuses_bad_settings():
     assert lm.calls[0]["seed"] == 2**64 - 1 and lm.calls[1]["seed"] == 0  # seed + turn wraps within 64 bits
     assert "\x1b" not in out and "\x07" not in out and "\x9b" not in out and "\r" not in out
     assert visible(ESCAPES) in out and "你好 🎉" in out
+
+
+class FailingOnceLM(FakeLM):
+    """The first reply fails part-way, as a reply whose logits turn into nan does (GenerationError)."""
+
+    def stream(self, prompt: str, **params):
+        self.calls.append(dict(params, prompt=prompt))
+        if len(self.calls) == 1:
+            yield "half a "
+            raise GenerationError("sampling failed: the logits turned into nan/inf \x1b[2J")
+        yield "fine"
+
+
+def test_chat_goes_on_after_a_reply_fails():
+    stdin = io.StringIO("first\nsecond\n")
+    stdout = io.StringIO()
+    lm = FailingOnceLM()
+    run_chat(lm, dict(max_new_tokens=8, temperature=0.8), None, stdin, stdout)
+    out = stdout.getvalue()
+    assert "error: sampling failed: the logits turned into nan/inf \\x1b[2J" in out and "\x1b" not in out
+    assert len(lm.calls) == 2 and "assistant> fine\n" in out
+    # the failed message was dropped, so the second prompt is a valid conversation: one user turn
+    assert "first" not in lm.calls[1]["prompt"] and "second" in lm.calls[1]["prompt"]
 
 
 def test_chat_command_goes_on_after_invalid_utf8_on_stdin(checkpoint, monkeypatch, capsys):  # noqa: F811

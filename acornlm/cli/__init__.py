@@ -17,6 +17,7 @@ import json
 import sys
 
 from acornlm.allocator import keep_freed_memory
+from acornlm.cli.terminal import visible
 from acornlm.errors import AcornError, ConfigError
 
 # Options that take several values (`--input a.txt b.txt`).
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         check_utf8(argv)
         CLI(build_commands(), args=normalize_argv(argv), prog="acornlm", as_positional=False)
     except AcornError as exc:
-        print(f"acornlm: error: {exc}", file=sys.stderr)
+        print(f"acornlm: error: {visible(str(exc))}", file=sys.stderr)  # a quoted value may hold escapes
         sys.exit(2)
     except KeyboardInterrupt:
         print("acornlm: interrupted", file=sys.stderr)

@@ -7,7 +7,7 @@ from dataclasses import fields
 from typing import Any, TextIO
 
 from acornlm.cli.terminal import visible
-from acornlm.errors import ConfigError
+from acornlm.errors import AcornError, ConfigError
 from acornlm.infer.sampling import offset_seed
 from acornlm.tokenizer import SPECIAL_TOKENS
 
@@ -208,10 +208,15 @@ def run_chat(lm, sampling: dict, system: str | None, stdin: TextIO, stdout: Text
             params["seed"] = offset_seed(sampling["seed"], turn)
         stdout.write("assistant> ")
         reply = ""
-        for piece in lm.stream(chat_text(messages, add_generation_prompt=True), **params):
-            reply += piece
-            stdout.write(visible(piece))
-            stdout.flush()
+        try:
+            for piece in lm.stream(chat_text(messages, add_generation_prompt=True), **params):
+                reply += piece
+                stdout.write(visible(piece))
+                stdout.flush()
+        except AcornError as exc:  # e.g. GenerationError (nan logits): this reply fails, the session goes on
+            history.pop()  # the unanswered message, so the turns still alternate
+            stdout.write(f"\nerror: {visible(str(exc))}\n")
+            continue
         stdout.write("\n")
         for token in SPECIAL_TOKENS:  # a special token in a reply would make the next prompt invalid
             reply = reply.replace(token, "")
