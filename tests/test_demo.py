@@ -99,3 +99,24 @@ def test_demo_picks_the_faster_thread_count():
     assert choose_threads(3, lambda: 1 / 0) == 3  # an explicit choice is not timed
     with pytest.raises(ConfigError, match="--threads"):
         choose_threads(-1, lambda: 1.0)
+
+
+def test_demo_times_steps_with_the_real_trainer(monkeypatch):
+    """The demo sizes its runs from steps of the Trainer itself, so the estimate is what the run sees."""
+    from acornlm.cli.demo_budget import TIMED_STEPS, step_seconds
+    from acornlm.model import ModelConfig
+    from acornlm.train.config import TrainConfig
+    from acornlm.train.trainer import Trainer
+
+    runs = []
+    real_fit = Trainer.fit
+
+    def fit(self):
+        runs.append(self.config.max_steps)
+        return real_fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    config = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=32)
+    seconds = step_seconds(config, TrainConfig(batch_size=2, seq_len=16), "cpu")
+    assert runs == [TIMED_STEPS] and 0 < seconds < 10

@@ -7,48 +7,63 @@ high learning rate). Shared by the pretraining demo (demo.py) and its fine-tunin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import sys
-import time
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from acornlm.accel import accelerate
 from acornlm.errors import ConfigError
 from acornlm.model import ModelConfig, Transformer
 from acornlm.train.config import TrainConfig
 from acornlm.train.losses import next_token_loss
-from acornlm.train.optim import build_optimizer
-from acornlm.train.precision import select_device, select_precision
+from acornlm.train.metrics import METRICS_FILE, read_metrics
+from acornlm.train.trainer import Trainer
 
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+TIMED_STEPS = 6  # the first warms up; the median of the rest resists a passing spike of load
+
+
+class RandomBatches:
+    """Random token batches for timing: a step costs the same whatever its tokens say."""
+
+    tokens_per_byte = None
+
+    def __init__(self, vocab_size: int, batch_size: int, seq_len: int) -> None:
+        self.vocab_size, self.shape = vocab_size, (batch_size, seq_len + 1)
+        self.tokens_per_step = batch_size * seq_len
+
+    def batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.randint(0, self.vocab_size, self.shape,
+                               generator=torch.Generator().manual_seed(1009 * step + micro_step))
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def eval_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch(10**6 + index, 0)
+
+
 def step_seconds(model_config: ModelConfig, train_config: TrainConfig, device: str) -> float:
-    """Wall-clock seconds of one optimizer step of this model and batch, timed on real steps made
-    of the Trainer's own pieces: the accelerated model, its AdamW groups, its loss and precision."""
-    dev = select_device(device)
-    model = accelerate(Transformer(dataclasses.replace(model_config)).to(dev), dev)
-    optimizer = build_optimizer(model, train_config, dev)
-    autocast = select_precision(dev, train_config.dtype).autocast
-    x = torch.randint(0, model_config.vocab_size, (train_config.batch_size, train_config.seq_len + 1), device=dev)
-    batch = (x[:, :-1], x[:, 1:])
-    timings = []
-    for _ in range(6):  # the first step warms up; the median of the others resists a passing spike of load
-        start = time.perf_counter()
-        for _ in range(train_config.grad_accum_steps):
-            with autocast():
-                loss = next_token_loss(model, batch)
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        timings.append(time.perf_counter() - start)
-    return sorted(timings[1:])[len(timings[1:]) // 2]
+    """Wall-clock seconds of one optimizer step of this model and batch, timed on TIMED_STEPS steps
+    of the real Trainer (its accelerated model, AdamW, loss, precision and bookkeeping) in a
+    throwaway run directory, so the estimate is what the run itself will see."""
+    config = dataclasses.replace(train_config, device=device, max_steps=TIMED_STEPS, max_minutes=0.0,
+                                 warmup_steps=1, eval_interval=0, eval_batches=1, save_interval=0,
+                                 log_interval=1, progress=False)
+    batches = RandomBatches(model_config.vocab_size, config.batch_size, config.seq_len)
+    with tempfile.TemporaryDirectory(prefix="acornlm-timing-") as run_dir, \
+            contextlib.redirect_stderr(io.StringIO()):  # the timing run's own log lines are not the demo's
+        Trainer(Transformer(dataclasses.replace(model_config)), config, run_dir, batches, next_token_loss).fit()
+        elapsed = [r["elapsed_s"] for r in read_metrics(Path(run_dir) / METRICS_FILE) if "elapsed_s" in r]
+    durations = sorted(b - a for a, b in zip(elapsed, elapsed[1:]))
+    return durations[len(durations) // 2]
 
 
 def estimate_steps(model_config: ModelConfig, train_config: TrainConfig, minutes: float, device: str) -> int:
