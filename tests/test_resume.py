@@ -289,3 +289,30 @@ def test_cli_run_that_fills_the_disk_ends_in_one_line_and_resumes(prepared_data,
     monkeypatch.setattr("torch.save", real_save)
     main([*command, "--resume"])
     assert latest_step(out) == 4
+
+
+def test_full_disk_while_logging_metrics_is_one_clear_error(tmp_path):
+    """A disk that fills between checkpoints fails the next metrics line: one AcornError naming the
+    file and how to go on, not an OSError traceback."""
+    from acornlm.errors import CheckpointError, DiskFullError
+    from acornlm.train.metrics import MetricsLog
+
+    class FullFile:
+        def __init__(self, code: int) -> None:
+            self.code = code
+
+        def write(self, text: str) -> int:
+            raise OSError(self.code, os.strerror(self.code))
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    for code, error in ((errno.ENOSPC, DiskFullError), (errno.EACCES, CheckpointError)):
+        log = MetricsLog(tmp_path / "run", resume_step=None)
+        log._file.close()
+        log._file = FullFile(code)
+        with pytest.raises(error, match="could not append to .*metrics.jsonl.*rerun with --resume"):
+            log.write({"step": 3, "loss": 1.0})

@@ -225,7 +225,11 @@ def test_model_config_from_command_line_and_yaml(tmp_path, capsys):
 
 BAD = {
     "unknown type": ({"rope_type": "longrope", "factor": 2.0}, "rope_type='longrope'"),
-    "factor below one": ({"rope_type": "linear", "factor": 0.5}, "factor must be a number >= 1"),
+    "factor below one": ({"rope_type": "linear", "factor": 0.5}, "factor must be a number in \\[1, 1024\\]"),
+    "infinite factor": ({"rope_type": "linear", "factor": float("inf")}, "factor must be a number in"),
+    "nan factor": ({"rope_type": "yarn", "factor": float("nan"), "original_max_position_embeddings": 8},
+                   "factor must be a number in"),
+    "infinite mscale": ({**SCALINGS["yarn"], "mscale": float("inf")}, "mscale must be a positive finite number"),
     "missing factor": ({"rope_type": "linear"}, "needs factor"),
     "missing original": ({"rope_type": "yarn", "factor": 4.0}, "needs original_max_position_embeddings"),
     "unknown key": ({"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 8, "beta_fast": 4},

@@ -42,6 +42,9 @@ OPTIONAL_KEYS = {
 PLAIN = (None, "", "none", "default")
 
 
+MAX_FACTOR = 1024.0  # beyond any real context extension; inf or 1e300 would make the frequencies 0 or nan
+
+
 def normalize_rope_scaling(scaling: Any) -> dict[str, Any] | None:
     """The validated scaling dict (None for plain RoPE), or a ConfigError naming the bad field.
 
@@ -70,8 +73,9 @@ def normalize_rope_scaling(scaling: Any) -> dict[str, Any] | None:
                           f"{sorted(REQUIRED_KEYS[kind] | OPTIONAL_KEYS[kind])}")
     out: dict[str, Any] = {"rope_type": kind}
     factor = scaling["factor"]
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1.0:
-        raise ConfigError(f"model.rope_scaling.factor must be a number >= 1 (the context extension), got {factor!r}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1.0 <= factor <= MAX_FACTOR:
+        raise ConfigError(f"model.rope_scaling.factor must be a number in [1, {MAX_FACTOR:g}] (the context extension), "
+                          f"got {factor!r}")
     out["factor"] = float(factor)
     if "original_max_position_embeddings" in scaling:
         original = scaling["original_max_position_embeddings"]
@@ -82,8 +86,8 @@ def normalize_rope_scaling(scaling: Any) -> dict[str, Any] | None:
     for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
         if scaling.get(key) is not None:
             value = scaling[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"model.rope_scaling.{key} must be a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"model.rope_scaling.{key} must be a positive finite number, got {value!r}")
             out[key] = float(value)
     if out.get("beta_fast", 32.0) < out.get("beta_slow", 1.0):
         raise ConfigError(f"model.rope_scaling.beta_fast={out.get('beta_fast', 32.0)} must be >= "

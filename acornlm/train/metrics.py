@@ -7,12 +7,13 @@ deterministic function of the run, so a resumed run's file matches an uninterrup
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from acornlm.errors import ConfigError
+from acornlm.errors import CheckpointError, ConfigError, DiskFullError
 from acornlm.files import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -86,8 +87,13 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         record = {key: _clean(value) for key, value in record.items()}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()  # a killed run keeps every line it logged
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()  # a killed run keeps every line it logged
+        except OSError as exc:  # a full disk between checkpoints: one clear line, not a traceback
+            error = DiskFullError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else CheckpointError
+            raise error(f"could not append to {self.path} ({exc.strerror or exc}); the checkpoints written so far "
+                        "are intact: free space (or fix permissions), then rerun with --resume") from exc
         step = record["step"]
         numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self._tensorboard is not None:
