@@ -308,3 +308,19 @@ def test_the_reference_model_imports_no_kernel():
         assert "from acornlm.accel" not in text and "import acornlm.accel" not in text, source.name
         assert "mkldnn" not in text, source.name
     assert set(ATTENTION_FUNCTIONS) >= {"eager", "sdpa", "acornlm_cpu"}
+
+
+def test_without_the_cpu_kernels_only_rmsnorm_takes_the_fused_kernel(monkeypatch):
+    """On a device without the oneDNN kernels (CUDA, or a PyTorch built without oneDNN), accelerate
+    swaps RMSNorm's written-out formula for F.rms_norm and leaves everything else as the reference."""
+    import acornlm.accel as accel
+
+    monkeypatch.setattr(accel, "ONEDNN_AVAILABLE", False)
+    config = FAMILIES["qwen3"]()
+    reference, model = build(config), accelerate(build(config), mode="infer")
+    assert {type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__} == {"FastRMSNorm"}
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert model.model.layers[0].self_attn.attn_implementation == "sdpa"
+    ids = random_ids(config)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids), rtol=1e-5, atol=1e-5)

@@ -77,7 +77,7 @@ def test_chat_survives_bad_input_and_refuses_bad_settings():
     assert out.count("error: seed must be an integer in [-2**63, 2**64 - 1]") == 1
     assert out.count("error: seed needs an integer") == 2
     assert "error: repetition_penalty must be a number in [0.01, 100]" in out
-    assert "error: the system prompt contains the special token <|im_" in out
+    assert "error: the system prompt is refused: special token <|im_" in out
     assert len(lm.calls) == 2  # the session went on and answered both messages
     assert lm.calls[0]["temperature"] == 1e-50 and "frequency_penalty" not in lm.calls[0]  # refused: unchanged
     assert lm.calls[0]["seed"] == 2**64 - 1 and lm.calls[1]["seed"] == 0  # seed + turn wraps within 64 bits

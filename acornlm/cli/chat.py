@@ -7,8 +7,10 @@ from dataclasses import fields
 from typing import Any, TextIO
 
 from acornlm.cli.terminal import visible
+from acornlm.data.chat import IM_END_ID, chat_text, message_problem
 from acornlm.errors import AcornError, ConfigError
-from acornlm.infer.sampling import offset_seed
+from acornlm.infer.api import LanguageModel
+from acornlm.infer.sampling import SamplingParams, offset_seed
 from acornlm.tokenizer import SPECIAL_TOKENS
 
 HELP = """commands:
@@ -23,8 +25,6 @@ HELP = """commands:
 
 def parse_setting(sampling: dict, key: str, value: str) -> dict:
     """The sampling settings with `key` set to `value`, converted to the setting's type and validated."""
-    from acornlm.infer.sampling import SamplingParams
-
     key = {"max_tokens": "max_new_tokens"}.get(key, key)
     settable = {f.name for f in fields(SamplingParams)} - {"stop", "stop_token_ids", "num_samples"}
     if key not in settable:
@@ -51,10 +51,9 @@ def _number(key: str, value: str, kind: type) -> int | float:
 def check_system_prompt(system: str | None) -> str | None:
     """The system prompt, or ConfigError when it holds a ChatML special token (as a user message may
     not): it would end the system turn early and let the prompt forge turns of its own."""
-    if system and any(token in system for token in SPECIAL_TOKENS):
-        found = next(token for token in SPECIAL_TOKENS if token in system)
-        raise ConfigError(f"the system prompt contains the special token {found}, which only the chat template "
-                          "may write; remove it")
+    problem = system and message_problem([{"role": "system", "content": system}], need_assistant=False)
+    if problem:
+        raise ConfigError(f"the system prompt is refused: {problem} (only the chat template may write them)")
     return system
 
 
@@ -82,8 +81,6 @@ def fit_history(history: list[dict[str, str]], system: str | None, count_tokens,
 
     Old turns are dropped first (a user message with its reply), so the model always sees the newest message.
     """
-    from acornlm.data.chat import chat_text
-
     head = [{"role": "system", "content": system}] if system else []
     kept = list(history)
     while len(kept) > 2 and count_tokens(chat_text(head + kept, add_generation_prompt=True)) > budget:
@@ -131,12 +128,8 @@ def chat(
             ("linear" and "dynamic" too; original_max_position_embeddings defaults to the trained length).
         max_position_embeddings: Longest sequence to accept; default: trained length x rope_scaling factor.
     """
-    from acornlm.infer.api import LanguageModel
-
     if ckpt is None:
         raise ConfigError("--ckpt is required: a checkpoint directory or a run directory")
-    from acornlm.infer.sampling import SamplingParams
-
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repetition_penalty=repetition_penalty, seed=seed)
     SamplingParams.from_kwargs(**sampling)  # bad settings fail before the model loads
@@ -150,8 +143,6 @@ def chat(
 
 def run_chat(lm, sampling: dict, system: str | None, stdin: TextIO, stdout: TextIO) -> None:
     """The read-reply loop, on any text streams (so tests can drive it)."""
-    from acornlm.data.chat import IM_END_ID, chat_text, message_problem
-
     stop_ids = [IM_END_ID, lm.tokenizer.eot_id]
     context = lm.config.max_position_embeddings
     history: list[dict[str, str]] = []

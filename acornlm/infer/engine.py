@@ -415,7 +415,7 @@ class Engine:
         event (e.g. out of memory in a forward pass): no sequence is left without its final event."""
         rows, self._rows = self._rows, []
         admitting, self._admitting = self._admitting, []
-        for seq in rows + [s for s in admitting if s not in rows]:
+        for seq in rows + admitting:  # a sequence in both gets one event: _emit skips finished ones
             self._emit(seq, Event(finish_reason="error", error=message, prompt_tokens=len(seq.prompt_ids),
                                   completion_tokens=seq.generated))
 

@@ -101,7 +101,7 @@ class SamplingParams:
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         if not all(is_int(t) and 0 <= t < 2**31 for t in self.stop_token_ids):
-            raise ConfigError(f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}")
+            raise ConfigError(f"stop_token_ids must be token ids (integers in [0, 2**31)), got {self.stop_token_ids!r}")
         if self.seed is not None and not (is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
             raise ConfigError(f"seed must be an integer in [-2**63, 2**64 - 1] or None, got {self.seed!r}")
         if not is_int(self.num_samples) or not 1 <= self.num_samples <= MAX_NUM_SAMPLES:

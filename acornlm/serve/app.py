@@ -218,11 +218,11 @@ def clean_api_key(api_key: str | None) -> str | None:
     return key
 
 
-def cheap_token_floor(text_length: int, max_token_chars: int) -> int:
-    """A lower bound on the tokens of a text of `text_length` characters, without tokenizing it:
-    no token covers more than `max_token_chars` characters. Why: tokenizing a 1 MB prompt takes
-    ~0.5 s, so an obviously too long prompt is refused before that work starts."""
-    return -(-text_length // max(1, max_token_chars))
+def cheap_token_floor(text_length: int, max_token_bytes: int) -> int:
+    """A lower bound on the tokens of a text of `text_length` characters, without tokenizing it: a
+    character is at least one UTF-8 byte and no token holds more than `max_token_bytes` bytes. Why:
+    tokenizing a 1 MB prompt takes ~0.5 s, so an obviously too long prompt is refused before that."""
+    return -(-text_length // max(1, max_token_bytes))
 
 
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
@@ -242,7 +242,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
     limits = limits or ServerLimits()
     api_key = clean_api_key(api_key)
     tokenizer = engine.tokenizer
-    max_token_chars = max(len(tokenizer.token_bytes(i)) for i in range(engine.vocab_size))
+    max_token_bytes = max(len(tokenizer.token_bytes(i)) for i in range(engine.vocab_size))
     created = int(time.time())
     app = FastAPI(title="acornlm", summary=f"OpenAI-compatible API serving {model_name}",
                   docs_url=None, redoc_url=None, openapi_url=None)
@@ -336,7 +336,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
 
     def check_text_length(characters: int, param: str) -> None:
         """Refuse a prompt that cannot fit the context whatever its tokens, before tokenizing it."""
-        at_least = cheap_token_floor(characters, max_token_chars)
+        at_least = cheap_token_floor(characters, max_token_bytes)
         if at_least > engine.context_length:
             raise bad_request(
                 f"this model's maximum context length is {engine.context_length} tokens, but the prompt has "
