@@ -67,9 +67,18 @@ def init_distributed(device: torch.device) -> DistributedContext:
 
 
 def teardown() -> None:
-    """Leave the process group (safe to call when there is none)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group (safe to call when there is none).
+
+    After a clean run every rank first meets the others at a barrier: a rank that tears down gloo
+    while its peer still has a collective or a connection in flight can abort the peer's process
+    ("terminate called without an active exception"). When an exception is already on its way
+    out, the barrier is skipped, since the failed rank's peers may never arrive.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if sys.exc_info()[0] is None and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _active() -> bool:
