@@ -6,7 +6,7 @@ become option groups, so every field can be set as `--section.field value` or fr
 with `--config FILE`.
 
 Before jsonargparse sees the command line, `normalize_argv` adds a few conveniences:
-`acornlm data fetch NAME` means `--name NAME`; `--vocab-size` means `--vocab_size`; `--input a b c` collects several values; a bare boolean
+`acornlm data fetch NAME` means `--name NAME`; `acornlm report A B` means `--runs A B`; `--vocab-size` means `--vocab_size`; `--input a b c` collects several values; a bare boolean
 flag such as `--resume` means `--resume true`; and `--config NAME` / `--model NAME` accept a
 preset name (see `acornlm/presets/`). Every `AcornError` ends as one line on stderr and exit 2.
 """
@@ -21,7 +21,9 @@ from acornlm.cli.terminal import visible
 from acornlm.errors import AcornError, ConfigError
 
 # Options that take several values (`--input a.txt b.txt`).
-MULTI_VALUE_OPTIONS = {"--input", "--val_input", "--stop", "--prompt"}
+MULTI_VALUE_OPTIONS = {"--input", "--val_input", "--stop", "--prompt", "--runs", "--tokenizers", "--layers", "--heads"}
+# Options that take several values in one command group only (`--data` is one folder for `train`).
+GROUP_MULTI_VALUE_OPTIONS = {"eval": {"--data", "--dev", "--train", "--subjects"}}
 # Options that never take a value.
 NO_VALUE_OPTIONS = {"-h", "--help", "--print_config"}
 
@@ -33,6 +35,9 @@ def normalize_argv(argv: list[str]) -> list[str]:
     argv = list(argv)
     if argv[:2] == ["data", "fetch"] and len(argv) > 2 and not argv[2].startswith("-"):
         argv.insert(2, "--name")  # `acornlm data fetch shakespeare`
+    if argv[:1] == ["report"] and len(argv) > 1 and not argv[1].startswith("-"):
+        argv.insert(1, "--runs")  # `acornlm report RUN_DIR... --out DIR`
+    multi_value = MULTI_VALUE_OPTIONS | GROUP_MULTI_VALUE_OPTIONS.get(argv[0] if argv else "", set())
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -52,7 +57,7 @@ def normalize_argv(argv: list[str]) -> list[str]:
         while j < len(argv) and not (argv[j].startswith("--") and len(argv[j]) > 2):
             values.append(argv[j])
             j += 1
-            if name not in MULTI_VALUE_OPTIONS:
+            if name not in multi_value:
                 break
         if name in NO_VALUE_OPTIONS:
             out.append(name)
@@ -60,7 +65,7 @@ def normalize_argv(argv: list[str]) -> list[str]:
             continue
         if not values:
             out.extend([name, "true"])  # a bare flag: --resume
-        elif name in MULTI_VALUE_OPTIONS:
+        elif name in multi_value:
             out.extend([name, json.dumps(values)])
         elif name == "--config" and preset_path(values[0]):
             out.extend([name, str(preset_path(values[0]))])
@@ -90,28 +95,34 @@ def build_commands() -> dict:
         chat,
         data,
         demo,
+        evaluate,
         export,
         finetune,
         generate,
         importing,
+        report,
         serve,
         tokenizer,
         train,
+        viz,
     )
 
     return {
         "data": {"fetch": data.fetch, "prepare": data.prepare, "synth": finetune.synth},
-        "tokenizer": {"train": tokenizer.train, "stats": tokenizer.stats},
+        "tokenizer": {"train": tokenizer.train, "stats": tokenizer.stats, "compare": tokenizer.compare},
         "train": {"pretrain": train.pretrain, "sft": finetune.sft, "dpo": align.dpo, "grpo": align.grpo,
                   "distill": align.distill},
         "lora": {"merge": finetune.lora_merge},
-        "eval": {"tasks": finetune.eval_tasks},
+        "eval": {"tasks": finetune.eval_tasks, "bench": evaluate.bench, "harness": evaluate.harness,
+                 "ppl": evaluate.ppl, "contamination": evaluate.contamination},
         "generate": generate.generate,
         "chat": chat.chat,
         "serve": serve.serve,
         "export": {"hf": export.hf, "gguf": export.gguf},
         "import": {"hf": importing.hf},
         "demo": demo.demo,
+        "viz": {"attention": viz.attention, "sampling": viz.sampling},
+        "report": report.report,
     }
 
 

@@ -2,7 +2,8 @@
 
 fetch corpus -> train BPE tokenizer -> prepare data -> sample from the untrained model ->
 pretrain for a wall-clock budget -> sample again from the same prompts -> HF export ->
-fine-tune on synthetic tasks (SFT -> GRPO -> DPO, demo_finetune.py) -> summary.md + loss curve.
+fine-tune on synthetic tasks (SFT -> GRPO -> DPO, demo_finetune.py) -> summary.md + loss curve ->
+the report card of every stage (OUT/report/report.html, acornlm.eval.report).
 Each step is the same function the individual commands call; this file only wires them together.
 """
 
@@ -20,11 +21,14 @@ import torch
 from acornlm.cli.demo_budget import choose_threads, estimate_steps, say, step_seconds
 from acornlm.cli.demo_finetune import check_finetune_options, figure_lines, run_finetune, summary_section
 from acornlm.errors import ConfigError
+from acornlm.eval.report import build_report, write_export, write_samples
+from acornlm.files import atomic_write_text
 from acornlm.model import ModelConfig, Transformer
 from acornlm.presets import load_preset
 from acornlm.train.config import TrainConfig
 
 PROMPTS = ("Romeo.\n", "Juliet.\nO Romeo, ", "King Henry.\n")
+SAMPLING = "temperature 0.8, top-k 50"
 
 
 def sample_all(lm, prompts: tuple[str, ...], max_new_tokens: int, seed: int) -> dict[str, str]:
@@ -61,19 +65,22 @@ def write_summary(path: Path, model_config: ModelConfig, train_config: TrainConf
         *(finetune or []),
         "## Model", "", "```json", json.dumps(model_config.to_dict(), indent=2), "```", "",
         "## Training", "", "```json", json.dumps(dataclasses.asdict(train_config), indent=2), "```", "",
-        "## Samples (temperature 0.8, top-k 50)", "",
+        f"## Samples ({SAMPLING})", "",
     ]
     for prompt in before:
         lines += [f"### Prompt `{prompt!r}`", "", "Before training:", "", "```", prompt + before[prompt], "```",
                   "", "After training:", "", "```", prompt + after[prompt], "```", ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
+    atomic_write_text(path, "\n".join(lines))
 
 
 def export_for_transformers(run_dir: Path, hf_dir: Path) -> str:
-    """Export the trained model with acornlm.export.hf; verification needs transformers (the export extra)."""
+    """Export the trained model with acornlm.export.hf; verification needs transformers (the export extra).
+    The summary goes to RUN/export.json for the report card."""
     from acornlm.export.hf import describe_export, export_hf
 
-    report = describe_export(export_hf(run_dir, hf_dir, force=True))
+    summary = export_hf(run_dir, hf_dir, force=True)
+    write_export(run_dir, summary)
+    report = describe_export(summary)
     say(report)
     return report
 
@@ -90,12 +97,14 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
     installed). Then it fine-tunes on offline synthetic tasks (arithmetic, reverse, count, sort,
     identity) for FINETUNE_MINUTES: SFT -> GRPO on arithmetic -> DPO on pairs where the right answer
     beats a wrong one, printing held-out accuracy before and after each stage (runs in OUT/sft,
-    OUT/grpo, OUT/dpo; `acornlm chat --ckpt OUT/dpo` talks to the result). It writes OUT/summary.md
-    and OUT/run/loss_curve.png. About 18-20 minutes on 2 quiet CPU cores with the defaults (more when they are busy). The corpus,
+    OUT/grpo, OUT/dpo; `acornlm chat --ckpt OUT/dpo` talks to the result). It writes OUT/summary.md,
+    OUT/run/loss_curve.png and, last, the report card of every stage: OUT/report/report.html
+    (self-contained; report.md next to it; `acornlm report` writes the same for any runs). About
+    18-20 minutes on 2 quiet CPU cores with the defaults (more when they are busy). The corpus,
     tokenizer and prepared data in OUT are reused when present; the runs are replaced.
 
     Args:
-        out: Directory for everything the demo writes (corpus/, tokenizer/, data/, run/, hf/, sft/, grpo/, dpo/, summary.md).
+        out: Directory for everything the demo writes (corpus/, tokenizer/, data/, run/, hf/, sft/, grpo/, dpo/, summary.md, report/).
         minutes: Wall-clock pretraining budget in minutes; the cosine schedule is sized to end with it.
         preset: Model and training preset (see acornlm/presets/).
         vocab_size: BPE vocabulary size.
@@ -181,6 +190,8 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
     lm = LanguageModel.from_checkpoint(run_dir, device="cpu")
     after = sample_all(lm, PROMPTS, max_new_tokens, seed)
     print_samples("after training", after)
+    write_samples(run_dir, [{"prompt": p, "before training": before[p], "after training": after[p]} for p in PROMPTS],
+                  f"{SAMPLING}, {max_new_tokens} new tokens, seed {seed}")
 
     say(f"[7/{stages}] export to Hugging Face transformers (verified by loading it back)")
     export = export_for_transformers(run_dir, out_dir / "hf")
@@ -196,5 +207,8 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
         f"{summary.get('tokens_per_s', 0):,.0f} tokens/s")
     if figures:
         say("\n".join(figure_lines(figures)))
-    say(f"wrote {out_dir / 'summary.md'} in {(time.time() - started) / 60:.1f} minutes")
+    stage_runs = [run_dir] + ([out_dir / stage for stage in ("sft", "grpo", "dpo") if (out_dir / stage).is_dir()]
+                              if figures else [])  # a run of --finetune none leaves older stages out
+    card = build_report(stage_runs, out_dir / "report")
+    say(f"wrote {out_dir / 'summary.md'} and the report card {card} in {(time.time() - started) / 60:.1f} minutes")
     return summary

@@ -33,6 +33,7 @@ import torch
 from acornlm.data.preferences import synthetic_preference_pairs
 from acornlm.data.tasks import make_dataset, write_jsonl
 from acornlm.errors import ConfigError
+from acornlm.eval.report import write_eval
 from acornlm.eval.tasks import evaluate_tasks
 from acornlm.model.checkpoint import resolve_checkpoint
 from acornlm.model.lora import LoraConfig
@@ -158,10 +159,12 @@ def stage_sft(work: Path, init: Path, settings: PipelineSettings, log: Log) -> t
                              settings.sft_lora, packing=True)
     after = task_accuracy(work / "sft", settings.sft_tasks, settings.eval_examples)
     log(f"accuracy after SFT:  {format_accuracy(after)}")
-    return resolve_checkpoint(work / "sft"), {
-        "steps": summary["steps"], "train_s": round(seconds, 1), "examples": len(examples),
-        "trainable_params": summary["trainable_params"], "params": summary["params"],
-        "lora_rank": settings.sft_lora.rank, "accuracy_before": before, "accuracy_after": after}
+    figures = {"steps": summary["steps"], "train_s": round(seconds, 1), "examples": len(examples),
+               "trainable_params": summary["trainable_params"], "params": summary["params"],
+               "lora_rank": settings.sft_lora.rank, "accuracy_before": before, "accuracy_after": after}
+    write_eval(work / "sft", [{"name": f"held-out exact match per task ({settings.eval_examples} questions each, "
+                                       "greedy)", "before": before, "after": after}], **figures)
+    return resolve_checkpoint(work / "sft"), figures
 
 
 def stage_grpo(work: Path, init: Path, settings: PipelineSettings, log: Log) -> tuple[Path, dict[str, Any]]:
@@ -175,11 +178,13 @@ def stage_grpo(work: Path, init: Path, settings: PipelineSettings, log: Log) -> 
     after = task_accuracy(work / "grpo", task, n)[task]
     log(f"{task} accuracy ({n} held-out questions): {before:.3f} before GRPO -> {after:.3f} after")
     rewards = [record["reward"] for record in read_metrics(work / "grpo") if "reward" in record]
-    return resolve_checkpoint(work / "grpo"), {
-        "steps": summary["steps"], "train_s": round(seconds, 1), "task": task, "eval_examples": n,
-        "accuracy_before": before, "accuracy_after": after,
-        "train_reward_first_logged": rewards[0] if rewards else None,
-        "train_reward_last_logged": rewards[-1] if rewards else None}
+    figures = {"steps": summary["steps"], "train_s": round(seconds, 1), "task": task, "eval_examples": n,
+               "accuracy_before": before, "accuracy_after": after,
+               "train_reward_first_logged": rewards[0] if rewards else None,
+               "train_reward_last_logged": rewards[-1] if rewards else None}
+    write_eval(work / "grpo", [{"name": f"held-out {task} accuracy ({n} questions, greedy)",
+                                "before": {task: before}, "after": {task: after}}], **figures)
+    return resolve_checkpoint(work / "grpo"), figures
 
 
 def stage_dpo(work: Path, init: Path, settings: PipelineSettings, log: Log) -> tuple[Path, dict[str, Any]]:
@@ -193,7 +198,17 @@ def stage_dpo(work: Path, init: Path, settings: PipelineSettings, log: Log) -> t
     log(f"held-out preference accuracy ({held_out['pairs']} pairs): {held_out['preference_accuracy']:.3f}; the model "
         f"prefers the right answer {held_out['reference_prefers_correct']:.3f} before DPO -> "
         f"{held_out['policy_prefers_correct']:.3f} after")
-    return resolve_checkpoint(work / "dpo"), {"steps": summary["steps"], "train_s": round(seconds, 1), **held_out}
+    figures = {"steps": summary["steps"], "train_s": round(seconds, 1), **held_out}
+    pairs = f"{held_out['pairs']} held-out pairs"
+    write_eval(work / "dpo", [
+        {"name": f"the model's own log-probability prefers the right answer ({pairs})",
+         "before": {"all tasks": held_out["reference_prefers_correct"]},
+         "after": {"all tasks": held_out["policy_prefers_correct"]}},
+        {"name": f"preference accuracy of the implicit reward beta*log(pi/pi_ref) ({pairs}; its margin is 0 "
+                 "before DPO)", "before": {},
+         "after": {"all tasks": held_out["preference_accuracy"], **held_out["preference_accuracy_per_task"]}},
+    ], **figures)
+    return resolve_checkpoint(work / "dpo"), figures
 
 
 def run_pipeline(work: str | Path, init: str | Path, settings: PipelineSettings,

