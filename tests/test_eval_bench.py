@@ -63,6 +63,20 @@ def test_scores_equal_hand_computed_log_likelihoods_in_any_batch(lm, reference):
     assert greedy.greedy and not other.greedy
 
 
+def test_a_shared_few_shot_prefix_is_computed_once_and_changes_nothing(lm, reference):
+    shots = "Question: which is a fruit?\nAnswer: apple\n\n" * 6
+    texts = [(shots + f"Question: the sky is {word}?\nAnswer:", f" {answer}")
+             for word in ("blue", "green", "天空") for answer in ("A", "yes", "蓝色的")]
+    pairs = [encode_pair(lm.tokenizer, c, x) for c, x in texts]
+    assert len(pairs[0][0]) > 64
+    shared = score_continuations(lm.model, pairs, batch_size=4, share_prefix=16)
+    plain = score_continuations(lm.model, pairs, batch_size=4, share_prefix=0)
+    assert [s.logprob for s in shared] == pytest.approx([s.logprob for s in plain], abs=1e-4)
+    assert [s.greedy for s in shared] == [s.greedy for s in plain]
+    expected = [by_hand(reference, c, x) for c, x in pairs]
+    assert [s.logprob for s in shared] == pytest.approx(expected, abs=1e-4)
+
+
 def test_a_context_longer_than_the_model_is_cut_from_the_left_and_counted(lm, reference):
     window = lm.config.max_position_embeddings
     context = [5 + i % 200 for i in range(window + 40)]

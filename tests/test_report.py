@@ -94,6 +94,27 @@ def test_report_shows_every_stage_with_the_numbers_it_logged(project, prepared_d
         assert f"| {task} | {evaluation['before'][task]:.3f} | {evaluation['after'][task]:.3f} |" in md
 
     assert "verified with transformers 4.99" in md and "LlamaForCausalLM" in md
+    assert "## Benchmarks" in md and "eval bench --out RUN/bench/NAME.json" in md  # none saved yet
+
+
+def test_benchmark_scores_saved_in_runs_sit_side_by_side(project, tmp_path):
+    for run, accuracy in (("run", 0.25), ("sft", 0.375)):
+        (project / run / "bench").mkdir(exist_ok=True)
+        (project / run / "bench" / "ceval.json").write_text(json.dumps(
+            {"accuracy": accuracy, "stderr": 0.125, "n": 8, "method": "letter", "shots": 5}))
+    (project / "sft" / "bench" / "broken.json").write_text("{not json")
+    try:
+        with pytest.warns(UserWarning, match="broken.json: skipped"):
+            build_report([project / "run", project / "sft"], tmp_path / "card")
+        md = (tmp_path / "card" / REPORT_MD).read_text(encoding="utf-8")
+        assert "| benchmark | method | run | sft |" in md
+        assert "| ceval | letter, 5-shot | 0.250 ± 0.125 (n=8) | 0.375 ± 0.125 (n=8) |" in md
+        assert "broken" not in md.split("## Benchmarks")[1].split("##")[0]
+    finally:
+        for run in ("run", "sft"):
+            for file in (project / run / "bench").iterdir():
+                file.unlink()
+            (project / run / "bench").rmdir()
     assert "The king <b>x</b> & y" in md
 
 

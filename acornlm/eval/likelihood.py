@@ -72,9 +72,10 @@ class _Job:
     reads: list[tuple[int, int, list[int]]]  # (request index, first position, target ids)
 
 
-def _plan(pairs: Sequence[TokenPair], window: int) -> tuple[list[_Job], list[bool]]:
+def _plan(pairs: Sequence[TokenPair], window: int, share_prefix: int) -> tuple[list[_Job], list[bool]]:
     """Group requests by identical forward inputs: the answer letters " A" .. " D" after one
-    prompt need a single forward pass, not four."""
+    prompt need a single forward pass, not four. Inputs that start alike (the same k-shot examples)
+    are ordered next to each other, longest first, so batches share their prefix."""
     jobs: dict[tuple[int, ...], _Job] = {}
     truncated = []
     for index, (context, continuation) in enumerate(pairs):
@@ -90,41 +91,81 @@ def _plan(pairs: Sequence[TokenPair], window: int) -> tuple[list[_Job], list[boo
         inputs = tuple(inputs[-window:])
         job = jobs.setdefault(inputs, _Job(inputs, []))
         job.reads.append((index, len(inputs) - len(continuation), list(continuation)))
-    return sorted(jobs.values(), key=lambda job: -len(job.inputs)), truncated
+
+    def order(job: _Job) -> tuple:
+        long_enough = share_prefix and len(job.inputs) >= 2 * share_prefix
+        return (job.inputs[:share_prefix] if long_enough else (), -len(job.inputs))
+
+    return sorted(jobs.values(), key=order), truncated
+
+
+def common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """The number of leading tokens every row shares."""
+    shortest = min(len(row) for row in rows)
+    for position in range(shortest):
+        token = rows[0][position]
+        if any(row[position] != token for row in rows):
+            return position
+    return shortest
+
+
+def _hidden_states(model: Transformer, batch: list[_Job], share_prefix: int,
+                   device: torch.device) -> tuple[torch.Tensor, int]:
+    """Hidden states [B, T - skip, hidden] of a right-padded batch, and `skip`, the positions left out.
+
+    When every row starts with the same `skip` >= share_prefix tokens (k-shot examples), they go
+    through the model once, with batch 1, and the rows continue from a copy of that KV cache:
+    five shots shared by sixteen questions cost one forward pass instead of sixteen.
+    """
+    width = max(len(job.inputs) for job in batch)
+    first = min(read[1] for job in batch for read in job.reads)
+    skip = min(common_prefix([job.inputs for job in batch]), first) if share_prefix and len(batch) > 1 else 0
+    if skip < max(share_prefix, 1):
+        skip = 0
+    ids = torch.zeros(len(batch), width - skip, dtype=torch.long)
+    for row, job in enumerate(batch):
+        ids[row, :len(job.inputs) - skip] = torch.tensor(job.inputs[skip:])
+    if not skip:
+        return model.hidden_states(ids.to(device)), 0
+    prefix = model.new_cache(1, skip)
+    model.hidden_states(torch.tensor([batch[0].inputs[:skip]], device=device), prefix)
+    cache = model.new_cache(len(batch), width)
+    cache.keys[:, :, :, :skip] = prefix.keys
+    cache.values[:, :, :, :skip] = prefix.values
+    cache.length = skip
+    return model.hidden_states(ids.to(device), cache), skip
 
 
 @torch.inference_mode()
 def score_continuations(model: Transformer, pairs: Sequence[TokenPair], batch_size: int = 16,
-                        window: int | None = None,
+                        window: int | None = None, share_prefix: int = 64,
                         progress: Callable[[int], None] | None = None) -> list[Scored]:
     """log p(continuation | context) and "is it the greedy choice" for every (context ids,
     continuation ids) pair, in the order given.
 
     Inputs are sorted longest first and right-padded in batches of `batch_size` (padding after
-    a row's last token cannot change its logits: attention is causal). Only the positions that
-    predict a continuation token go through the output head. A context longer than the model's
-    window (`window`, default max_position_embeddings) loses tokens from its left; `Scored.truncated`
-    says so. `progress(n)` is called after each batch with the number of requests it scored.
+    a row's last token cannot change its logits: attention is causal). A prefix of at least
+    `share_prefix` tokens common to a whole batch is computed once (0 turns this off). Only the
+    positions that predict a continuation token go through the output head. A context longer than
+    the model's window (`window`, default max_position_embeddings) loses tokens from its left;
+    `Scored.truncated` says so. `progress(n)` is called after each batch with the number of
+    requests it scored.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     window = window or model.config.max_position_embeddings
-    jobs, truncated = _plan(pairs, window)
+    jobs, truncated = _plan(pairs, window, share_prefix)
     results: list[Scored | None] = [None] * len(pairs)
     device = next(model.parameters()).device
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
-        width = len(batch[0].inputs)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, job in enumerate(batch):
-            ids[row, :len(job.inputs)] = torch.tensor(job.inputs)
-        hidden = model.hidden_states(ids.to(device))  # [B, T, hidden]
+        hidden, skip = _hidden_states(model, batch, share_prefix, device)  # [B, T - skip, hidden]
         # The positions each row needs: from its earliest continuation to its end.
         rows, positions = [], []
         for row, job in enumerate(batch):
             first = min(read[1] for read in job.reads)
             rows += [row] * (len(job.inputs) - first)
-            positions += range(first, len(job.inputs))
+            positions += range(first - skip, len(job.inputs) - skip)
         picked = hidden[torch.tensor(rows, device=device), torch.tensor(positions, device=device)]
         logprobs = model.lm_head(picked).float().log_softmax(dim=-1)  # [N, vocab]
         offset = 0

@@ -14,6 +14,7 @@ pipeline and `acornlm demo` with the writers below:
     eval.json      accuracies before and after the stage          write_eval
     samples.json   samples from fixed prompts, before and after   write_samples
     export.json    the summary of an HF export and its check      write_export
+    bench/*.json   benchmark scores: `acornlm eval bench --out RUN/bench/NAME.json`
 
 A partial or old run (no checkpoint yet, no eval.json, a metrics line cut short by a crash) still gets a
 report: what is missing says "not recorded". The page is built once as a list of sections (text, tables,
@@ -48,6 +49,7 @@ from acornlm.train.metrics import METRICS_FILE
 from acornlm.version import __version__
 
 EVAL_FILE = "eval.json"
+BENCH_DIR = "bench"  # `acornlm eval bench --out RUN/bench/NAME.json` puts a benchmark score on the card
 SAMPLES_FILE = "samples.json"
 EXPORT_FILE = "export.json"
 REPORT_MD = "report.md"
@@ -163,6 +165,7 @@ class Run:
     evaluation: dict[str, Any] | None = None                     # eval.json
     samples: dict[str, Any] | None = None                        # samples.json
     export: dict[str, Any] | None = None                         # export.json
+    benchmarks: dict[str, dict[str, Any]] = field(default_factory=dict)  # bench/*.json by file stem
 
     @property
     def stage(self) -> str:
@@ -220,8 +223,14 @@ def read_run(path: Path, label: str) -> Run:
         content = read_json(path / name)
         return content if isinstance(content, dict) else None
 
+    benchmarks = {}
+    for file in sorted((path / BENCH_DIR).glob("*.json")) if (path / BENCH_DIR).is_dir() else []:
+        content = read_json(file)
+        if isinstance(content, dict) and number(content.get("accuracy")) is not None and "n" in content:
+            benchmarks[file.stem] = content
     return Run(path=path, label=label, info=checkpoint_info(path), records=read_metrics_lines(path / METRICS_FILE),
-               evaluation=record(EVAL_FILE), samples=record(SAMPLES_FILE), export=record(EXPORT_FILE))
+               evaluation=record(EVAL_FILE), samples=record(SAMPLES_FILE), export=record(EXPORT_FILE),
+               benchmarks=benchmarks)
 
 
 def collect_runs(paths: Sequence[str | Path]) -> list[Run]:
@@ -477,6 +486,31 @@ def evaluation_sections(runs: Sequence[Run]) -> list[Section]:
         Text("Held-out evaluations recorded by the stages ('-': not measured on that side).")]), *sections]
 
 
+def benchmark_section(runs: Sequence[Run]) -> Section:
+    """Benchmark accuracy of every run side by side: one row per benchmark report, one column per
+    run, so a stage's effect on C-Eval or MMLU reads along the row."""
+    names = list(dict.fromkeys(name for run in runs for name in run.benchmarks))
+    title = "Benchmarks"
+    if not names:
+        return Section(title, [Text(f"{NOT_RECORDED}: save `acornlm eval bench --out RUN/{BENCH_DIR}/NAME.json` "
+                                    "in a run directory to show its score here.")])
+
+    def cell(report: dict[str, Any] | None) -> str:
+        if report is None:
+            return "-"
+        stderr = number(report.get("stderr"))
+        return f"{fmt(report.get('accuracy'), '.3f')}" + (f" ± {stderr:.3f}" if stderr is not None else "") + \
+            f" (n={report.get('n')})"
+
+    rows = []
+    for name in names:
+        setup = next(run.benchmarks[name] for run in runs if name in run.benchmarks)
+        how = f"{setup.get('method', '?')}, {setup.get('shots', '?')}-shot"
+        rows.append([name, how, *(cell(run.benchmarks.get(name)) for run in runs)])
+    return Section(title, [Text("Accuracy ± standard error from `acornlm eval bench` ('-': not run)."),
+                           Table(["benchmark", "method", *(run.label for run in runs)], rows)])
+
+
 def throughput_section(runs: Sequence[Run]) -> Section:
     rows = []
     for run in runs:
@@ -543,7 +577,8 @@ def report_sections(runs: Sequence[Run], figure: str | None, axis: str = "step")
     """The whole page, in the order a reader asks: what ran, the tokenizer, how training went, what the
     stages changed, how fast, what the model says, where it went."""
     return [runs_section(runs), tokenizer_section(runs), loss_section(runs, figure, axis),
-            *evaluation_sections(runs), throughput_section(runs), *samples_sections(runs), export_section(runs)]
+            *evaluation_sections(runs), benchmark_section(runs), throughput_section(runs), *samples_sections(runs),
+            export_section(runs)]
 
 
 def fence(text: str) -> str:
