@@ -48,6 +48,13 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def save_json(out: str | None, report: dict[str, Any]) -> None:
+    """Write a command's report to --out (strict JSON, atomically) and say where."""
+    if out:
+        atomic_write_json(Path(out), json_safe(report))
+        print(f"wrote {out}")
+
+
 def read_benchmark(data: list[str] | None, format: str, split: str, dev: list[str] | None,
                    from_hub: str | None, subjects: list[str] | None, shots: int) -> Benchmark:
     if from_hub:
@@ -214,9 +221,7 @@ def ppl(ckpt: str, input: list[str], window: int | None = None, stride: int | No
           f"perplexity {result['perplexity']:.3f}, {result['cross_entropy']:.4f} nats/token, "
           f"{result['bits_per_byte']:.4f} bits/byte (window {result['window']}, stride {result['stride']}; "
           f"{result['tokens_per_second']} tokens/s)")
-    if out:
-        atomic_write_json(Path(out), json_safe(result))
-        print(f"wrote {out}")
+    save_json(out, result)
     return result
 
 
@@ -253,7 +258,5 @@ def contamination(train: list[str], data: list[str] | None = None, format: str =
           f"{ngram}-grams in the corpus ({report['n'] - report['checked']} shorter than {ngram} words); "
           f"scanned {report['corpus_bytes'] / 1e6:,.1f} MB in {report['seconds']:.1f} s "
           f"({report['mb_per_second']} MB/s), peak memory {report['peak_memory_mb']} MB")
-    if out:
-        atomic_write_json(Path(out), json_safe(report))
-        print(f"wrote {out}")
+    save_json(out, report)
     return report

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from acornlm.data.conversations import iter_records
 from acornlm.errors import ConfigError
 from acornlm.eval.subjects import CEVAL_SUBJECTS, CMMLU_SUBJECTS
 
@@ -120,7 +120,7 @@ def read_items(file: Path, fmt: str = "auto", subject: str | None = None) -> lis
     if file.suffix == ".csv":
         items = _csv_items(file, fmt, subject)
     else:
-        items = items_from_records(_records(file), fmt, str(file), subject or _path_subject(file))
+        items = items_from_records(_records(file), fmt, subject or _path_subject(file))
     if not items:
         raise ConfigError(f"{file} holds no questions (an empty subject)")
     return items
@@ -170,40 +170,21 @@ def _csv_items(file: Path, fmt: str, subject: str | None) -> list[Item]:
     return items
 
 
-def _records(file: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line or row number, record) pairs of a jsonl, json or parquet file."""
-    if file.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as exc:
-            raise ConfigError(f"reading {file} needs pyarrow: pip install 'acornlm[parquet]'") from exc
-        try:
-            rows = pq.read_table(file).to_pylist()
-        except Exception as exc:  # pyarrow raises several types for a corrupt file
-            raise ConfigError(f"{file} is not a readable parquet file: {exc}") from exc
-        yield from enumerate(rows, start=1)
+def _records(file: Path) -> Iterator[tuple[str, Any]]:
+    """("file:line" or "file#row", record) pairs of a jsonl, json or parquet file."""
+    if file.suffix != ".parquet":
+        yield from iter_records(file)  # the chat-data reader: jsonl lines, or a .json list
         return
     try:
-        text = file.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{file} is not UTF-8 text (byte offset {exc.start})") from exc
-    if file.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, RecursionError, ValueError) as exc:
-            raise ConfigError(f"{file} is not valid JSON: {exc}") from exc
-        data = data.get("data", data) if isinstance(data, dict) else data
-        if not isinstance(data, list):
-            raise ConfigError(f"{file}: expected a JSON list of questions (or {{\"data\": [...]}})")
-        yield from enumerate(data, start=1)
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except (json.JSONDecodeError, RecursionError, ValueError) as exc:
-            raise ConfigError(f"{file}:{number}: not a JSON object: {exc}") from exc
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ConfigError(f"reading {file} needs pyarrow: pip install 'acornlm[parquet]'") from exc
+    try:
+        rows = pq.read_table(file).to_pylist()
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise ConfigError(f"{file} is not a readable parquet file: {exc}") from exc
+    for number, row in enumerate(rows, start=1):
+        yield f"{file}#{number}", row
 
 
 # The keys that identify each format's records, most specific first.
@@ -227,11 +208,10 @@ def detect_format(record: dict[str, Any], where: str) -> str:
                       f"pass --format (one of {', '.join(FORMATS)})")
 
 
-def items_from_records(records: Iterable[tuple[int, Any]], fmt: str, source: str, subject: str) -> list[Item]:
-    """Items from (number, record) pairs in any of the Hugging Face layouts of SIGNATURES."""
+def items_from_records(records: Iterable[tuple[str, Any]], fmt: str, subject: str) -> list[Item]:
+    """Items from (location, record) pairs in any of the Hugging Face layouts of SIGNATURES."""
     items = []
-    for number, record in records:
-        where = f"{source}:{number}"
+    for where, record in records:
         if not isinstance(record, dict):
             raise ConfigError(f"{where}: expected a JSON object, found {type(record).__name__}")
         record_fmt = detect_format(record, where) if fmt == "auto" else fmt
@@ -427,9 +407,11 @@ def hub_items(name: str, subjects: Sequence[str] = (), max_shots: int = 5) -> Be
     for conf in configs:
         subject = conf if per_subject else (config or name)
         scored = datasets.load_dataset(path, conf, split=split)
-        found = items_from_records(enumerate(scored, start=1), fmt, f"{path}/{conf}/{split}", subject)
+        found = items_from_records(((f"{path}/{conf}/{split}#{n}", r) for n, r in enumerate(scored, start=1)),
+                                   fmt, subject)
         items.extend(found)
         fewshot = datasets.load_dataset(path, conf, split=dev_split).select(range(max_shots))
-        for item in items_from_records(enumerate(fewshot, start=1), fmt, f"{path}/{conf}/{dev_split}", subject):
+        records = ((f"{path}/{conf}/{dev_split}#{n}", r) for n, r in enumerate(fewshot, start=1))
+        for item in items_from_records(records, fmt, subject):
             shots.setdefault(item.subject, []).append(item)
     return Benchmark(items, shots, [f"hf://{path}"], [])
