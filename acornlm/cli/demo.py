@@ -19,7 +19,19 @@ from typing import Any
 import torch
 
 from acornlm.cli.demo_budget import choose_threads, estimate_steps, say, step_seconds
+from acornlm.cli.demo_chinese import (
+    TITLES,
+    chat_answers,
+    chinese_section,
+    compare_tokenizers,
+    form_figures,
+    load_poem_task,
+    poems_from_titles,
+    title_prompt,
+)
 from acornlm.cli.demo_finetune import check_finetune_options, figure_lines, run_finetune, summary_section
+from acornlm.data.poetry import CORPORA as POETRY
+from acornlm.data.poetry import fetch_poetry
 from acornlm.errors import ConfigError
 from acornlm.eval.report import build_report, write_export, write_samples
 from acornlm.files import atomic_write_text
@@ -88,7 +100,7 @@ def export_for_transformers(run_dir: Path, hf_dir: Path) -> str:
 def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo", vocab_size: int = 4096,
          corpus: str | None = None, device: str = "auto", max_new_tokens: int = 160, seed: int = 1337,
          finetune: str = "full", finetune_minutes: float = 12.0, lora_rank: int = 16,
-         eval_examples: int = 200, threads: int = 0) -> dict:
+         eval_examples: int = 200, threads: int = 0, compare_minutes: float = 1.0) -> dict:
     """Run the whole pipeline on the embedded Shakespeare corpus (what `make demo` does).
 
     Fetches the corpus, trains a byte-level BPE tokenizer, prepares the data, prints samples from
@@ -108,7 +120,7 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
         minutes: Wall-clock pretraining budget in minutes; the cosine schedule is sized to end with it.
         preset: Model and training preset (see acornlm/presets/).
         vocab_size: BPE vocabulary size.
-        corpus: Train on this corpus (files or a folder) instead of the embedded Shakespeare texts.
+        corpus: Train on this corpus (files or a folder) instead of the embedded Shakespeare texts; or a Chinese corpus by name: tang-poems (唐诗; the demo then compares char and BPE tokenizers, prompts poems by title and counts their regular forms, and fine-tunes on Chinese chats), song-ci or shijing.
         device: "auto", "cpu", "cuda" or "mps".
         max_new_tokens: Length of each sample.
         seed: Seed for the model initialisation, the data order and the samples.
@@ -117,6 +129,7 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
         lora_rank: Rank of the LoRA adapters with --finetune lora (alpha = 2 x rank, every linear layer of the blocks).
         eval_examples: Held-out questions per task behind the SFT accuracies (GRPO's arithmetic figure uses 2.5 x as many, DPO's half as many pairs per task).
         threads: CPU threads for torch; 0 = whichever of one per core and a single thread trains faster right now (a single thread wins when other work keeps the cores busy).
+        compare_minutes: With a Chinese corpus: minutes of pretraining with each tokenizer (char, BPE) to compare their val bits/byte at equal wall clock; the better one is kept.
     """
     from acornlm.data.corpus import iter_documents
     from acornlm.data.prepare import prepare_data
@@ -135,31 +148,47 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    chinese = corpus in POETRY
+    if chinese and compare_minutes <= 0:
+        raise ConfigError(f"--compare_minutes must be > 0, got {compare_minutes}")
+    preset_data = load_preset(preset)
     say(f"[1/{stages}] corpus")
-    corpus_dir = Path(corpus) if corpus else fetch_shakespeare(out_dir / "corpus")
+    if chinese:
+        corpus_dir = fetch_poetry(corpus, out_dir / "corpus")
+    else:
+        corpus_dir = Path(corpus) if corpus else fetch_shakespeare(out_dir / "corpus")
     train_inputs = [corpus_dir / "train"] if (corpus_dir / "train").is_dir() else [corpus_dir]
 
-    say(f"[2/{stages}] tokenizer: byte-level BPE, {vocab_size} tokens")
-    tok_dir = out_dir / "tokenizer"
-    if (tok_dir / "tokenizer.json").is_file() and load_tokenizer(tok_dir).vocab_size == vocab_size:
+    comparison = None
+    if chinese:
+        say(f"[2/{stages}] tokenizer: char against byte-level BPE, {compare_minutes:g} minute(s) of training each")
+        kind, comparison = compare_tokenizers(corpus_dir, out_dir, preset_data.get("model", {}),
+                                              {**preset_data.get("train", {}), "seed": seed}, compare_minutes, device)
+        say(f"      keeping {kind}: the lower val bits/byte at equal wall clock")
+        tok_dir, data_dir = out_dir / f"tokenizer-{kind}", out_dir / f"data-{kind}"
         tokenizer = load_tokenizer(tok_dir)
-        say(f"      reusing {tok_dir}")
+        say(f"[3/{stages}] data: {data_dir} (prepared for the comparison)")
     else:
-        tokenizer = train_tokenizer((d.text for d in iter_documents(train_inputs)), "bpe", vocab_size)
-        tokenizer.save(tok_dir)
+        say(f"[2/{stages}] tokenizer: byte-level BPE, {vocab_size} tokens")
+        tok_dir = out_dir / "tokenizer"
+        if (tok_dir / "tokenizer.json").is_file() and load_tokenizer(tok_dir).vocab_size == vocab_size:
+            tokenizer = load_tokenizer(tok_dir)
+            say(f"      reusing {tok_dir}")
+        else:
+            tokenizer = train_tokenizer((d.text for d in iter_documents(train_inputs)), "bpe", vocab_size)
+            tokenizer.save(tok_dir)
 
-    say(f"[3/{stages}] data")
-    data_dir = out_dir / "data"
-    meta_file = data_dir / "meta.json"
-    if not (meta_file.is_file() and json.loads(meta_file.read_text())["tokenizer"]["fingerprint"]
-            == tokenizer.fingerprint):
-        val = [corpus_dir / "val"] if (corpus_dir / "val").is_dir() else None
-        prepare_data(inputs=train_inputs, tokenizer_dir=tok_dir, out=data_dir, val_inputs=val,
-                     val_fraction=0.0 if val else 0.05)
-    else:
-        say(f"      reusing {data_dir}")
+        say(f"[3/{stages}] data")
+        data_dir = out_dir / "data"
+        meta_file = data_dir / "meta.json"
+        if not (meta_file.is_file() and json.loads(meta_file.read_text())["tokenizer"]["fingerprint"]
+                == tokenizer.fingerprint):
+            val = [corpus_dir / "val"] if (corpus_dir / "val").is_dir() else None
+            prepare_data(inputs=train_inputs, tokenizer_dir=tok_dir, out=data_dir, val_inputs=val,
+                         val_fraction=0.0 if val else 0.05)
+        else:
+            say(f"      reusing {data_dir}")
 
-    preset_data = load_preset(preset)
     model_config = ModelConfig(**{**preset_data.get("model", {}), "vocab_size": tokenizer.vocab_size})
     train_fields = {**preset_data.get("train", {}), "max_minutes": minutes, "seed": seed, "device": device}
     train_config = TrainConfig(**train_fields)
@@ -176,7 +205,11 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
     say(f"[4/{stages}] samples before training")
     torch.manual_seed(seed)
     untrained = LanguageModel(Transformer(dataclasses.replace(model_config)).eval(), tokenizer)
-    before = sample_all(untrained, PROMPTS, max_new_tokens, seed)
+    if chinese:
+        poems_before = poems_from_titles(untrained, TITLES, max_new_tokens, seed)
+        before = {title_prompt(t): group[0][len(title_prompt(t)):] for t, group in poems_before.items()}
+    else:
+        before = sample_all(untrained, PROMPTS, max_new_tokens, seed)
     print_samples("before training", before)
 
     say(f"[5/{stages}] pretraining {preset} for {minutes:g} minutes")
@@ -188,9 +221,20 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
 
     say(f"[6/{stages}] samples after training")
     lm = LanguageModel.from_checkpoint(run_dir, device="cpu")
-    after = sample_all(lm, PROMPTS, max_new_tokens, seed)
+    forms = None
+    if chinese:
+        poems_after = poems_from_titles(lm, TITLES, max_new_tokens, seed)
+        after = {title_prompt(t): group[0][len(title_prompt(t)):] for t, group in poems_after.items()}
+        forms = {"before": form_figures(poems_before), "after": form_figures(poems_after)}
+        summary["poem_forms"] = forms
+        summary["tokenizer_comparison"] = comparison
+    else:
+        after = sample_all(lm, PROMPTS, max_new_tokens, seed)
     print_samples("after training", after)
-    write_samples(run_dir, [{"prompt": p, "before training": before[p], "after training": after[p]} for p in PROMPTS],
+    if forms:
+        say(f"      regular form (4 or 8 lines of 5 or 7 characters): {forms['before']['regular_share']:.0%} of "
+            f"{forms['before']['poems']} poems before training -> {forms['after']['regular_share']:.0%} after")
+    write_samples(run_dir, [{"prompt": p, "before training": before[p], "after training": after[p]} for p in before],
                   f"{SAMPLING}, {max_new_tokens} new tokens, seed {seed}")
 
     say(f"[7/{stages}] export to Hugging Face transformers (verified by loading it back)")
@@ -198,15 +242,22 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
     figures = None
     if finetune != "none":
         say(f"[8/8] fine-tuning on synthetic tasks for {finetune_minutes:g} minutes: SFT -> GRPO -> DPO")
+        if chinese:
+            say(f"      {load_poem_task(corpus_dir):,} regular poems for the zh_poem task")
         figures = run_finetune(out_dir, run_dir, model_config, finetune, finetune_minutes, eval_examples,
-                               lora_rank, seed, device)
+                               lora_rank, seed, device, language="zh" if chinese else "en")
         summary["finetune"] = figures
+        if chinese:
+            figures["chat"] = chat_answers(out_dir / "dpo")
+    extra = chinese_section(comparison, forms, figures) if chinese else []
     write_summary(out_dir / "summary.md", model_config, train_config, summary, before, after, export,
-                  summary_section(figures, out_dir) if figures else None)
+                  extra + (summary_section(figures, out_dir) if figures else []))
     say(f"\nval loss {summary.get('val_loss')}, val bits/byte {summary.get('val_bpb')}, "
         f"{summary.get('tokens_per_s', 0):,.0f} tokens/s")
     if figures:
         say("\n".join(figure_lines(figures)))
+        for question, answer in figures.get("chat", []):
+            say(f"      用户：{question}\n      模型：{answer}")
     stage_runs = [run_dir] + ([out_dir / stage for stage in ("sft", "grpo", "dpo") if (out_dir / stage).is_dir()]
                               if figures else [])  # a run of --finetune none leaves older stages out
     card = build_report(stage_runs, out_dir / "report")

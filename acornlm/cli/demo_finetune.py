@@ -56,32 +56,47 @@ def check_finetune_options(finetune: str, minutes: float, eval_examples: int, lo
         raise ConfigError(f"--lora_rank must be a positive integer, got {lora_rank}")
 
 
+# The Chinese demo's tasks (acornlm.data.tasks, group zh) and the longer rows a poem needs.
+CHINESE = {"sft_tasks": "zh", "grpo_task": "zh_arithmetic", "dpo_tasks": "zh_arithmetic", "seq_len": 128,
+           "grpo_max_new_tokens": 8}
+
+
 def finetune_settings(model_config: ModelConfig, finetune: str, minutes: float, eval_examples: int,
-                      lora_rank: int, seed: int, device: str) -> PipelineSettings:
+                      lora_rank: int, seed: int, device: str, language: str = "en") -> PipelineSettings:
     """The pipeline's settings for a budget of `minutes`: SFT's steps from timing real steps (its
-    cosine schedule must end when its share of the time does), GRPO's and DPO's from measured rates."""
+    cosine schedule must end when its share of the time does), GRPO's and DPO's from measured rates.
+    language "zh" trains the Chinese tasks (你是谁？, arithmetic in Chinese numerals, a poem of the
+    asked form) instead of the English ones."""
     smoke = minutes < 1  # too short for the tuned batches and data: a smoke test of every stage instead
     recipe, shares = RECIPE, RECIPE["shares"]
     common = {"seed": seed, "device": device}
-    sft = TrainConfig(**recipe["sft"]["train"], **common, max_minutes=minutes * shares["sft"] * 1.2)
+    zh = language == "zh"
+    if zh:
+        common["seq_len"] = CHINESE["seq_len"]
+    sft = TrainConfig(**{**recipe["sft"]["train"], **common}, max_minutes=minutes * shares["sft"] * 1.2)
     steps = estimate_steps(model_config, sft, minutes * shares["sft"], device)
     sft = dataclasses.replace(sft, max_steps=min(recipe["sft"]["max_steps"], steps))
     lora = LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank) if finetune == "lora" else LoraConfig()
     if lora.enabled:
         rate = recipe["sft"]["lora_learning_rate"]
         sft = dataclasses.replace(sft, learning_rate=rate, min_lr=rate / 10)
-    grpo = TrainConfig(**recipe["grpo"]["train"], **common, max_minutes=minutes * shares["grpo"],
+    grpo = TrainConfig(**{**recipe["grpo"]["train"], **common}, max_minutes=minutes * shares["grpo"],
                        max_steps=max(2, round(recipe["grpo"]["steps_per_minute"] * minutes)))
-    dpo = TrainConfig(**recipe["dpo"]["train"], **common, max_minutes=minutes * shares["dpo"],
+    dpo = TrainConfig(**{**recipe["dpo"]["train"], **common}, max_minutes=minutes * shares["dpo"],
                       max_steps=max(2, round(recipe["dpo"]["steps_per_minute"] * minutes)))
     grpo_task = default_grpo()
-    grpo_task["grpo"] = dataclasses.replace(grpo_task["grpo"], max_new_tokens=recipe["grpo"]["max_new_tokens"])
+    grpo_task["grpo"] = dataclasses.replace(grpo_task["grpo"], max_new_tokens=CHINESE["grpo_max_new_tokens"] if zh
+                                            else recipe["grpo"]["max_new_tokens"])
     dpo_tasks = {**default_dpo(), "num_pairs": recipe["dpo"]["pairs_per_task"]}
+    if zh:
+        grpo_task["tasks"], dpo_tasks["tasks"] = CHINESE["grpo_task"], CHINESE["dpo_tasks"]
     if smoke:
         grpo = dataclasses.replace(grpo, batch_size=2, eval_batches=1)
         dpo = dataclasses.replace(dpo, batch_size=4, eval_batches=1)
         grpo_task["num_prompts"], dpo_tasks["num_pairs"] = 40, 20
     return PipelineSettings(sft_train=sft, grpo_train=grpo, dpo_train=dpo,
+                            sft_tasks=CHINESE["sft_tasks"] if zh else "all",
+                            sft_extra_task=CHINESE["grpo_task"] if zh else "arithmetic",
                             sft_examples=50 if smoke else recipe["sft"]["examples_per_task"],
                             sft_extra_arithmetic=0 if smoke else recipe["sft"]["extra_arithmetic"], sft_lora=lora,
                             grpo=grpo_task, dpo=dpo_tasks, eval_examples=eval_examples,
@@ -89,9 +104,9 @@ def finetune_settings(model_config: ModelConfig, finetune: str, minutes: float, 
 
 
 def run_finetune(out_dir: Path, init: Path, model_config: ModelConfig, finetune: str, minutes: float,
-                 eval_examples: int, lora_rank: int, seed: int, device: str) -> dict[str, Any]:
+                 eval_examples: int, lora_rank: int, seed: int, device: str, language: str = "en") -> dict[str, Any]:
     """SFT -> GRPO -> DPO from the pretrained run `init`; stage runs go to OUT/sft, OUT/grpo, OUT/dpo."""
-    settings = finetune_settings(model_config, finetune, minutes, eval_examples, lora_rank, seed, device)
+    settings = finetune_settings(model_config, finetune, minutes, eval_examples, lora_rank, seed, device, language)
     say(f"      SFT {settings.sft_train.max_steps} steps ({'LoRA rank ' + str(lora_rank) if finetune == 'lora' else 'full'}"
         f"), GRPO {settings.grpo_train.max_steps} steps, DPO {settings.dpo_train.max_steps} steps "
         f"in about {minutes:g} minutes")

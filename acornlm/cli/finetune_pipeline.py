@@ -70,6 +70,7 @@ class PipelineSettings:
     sft_tasks: str = "all"
     sft_examples: int = 2000          # per task
     sft_extra_arithmetic: int = 0     # GRPO can only sharpen what SFT taught: a base that answers some arithmetic
+    sft_extra_task: str = "arithmetic"  # the task of those extra examples (zh_arithmetic for the Chinese demo)
     sft_lora: LoraConfig = field(default_factory=LoraConfig)   # rank > 0: SFT trains LoRA adapters only
     grpo: dict[str, Any] = field(default_factory=default_grpo)
     dpo: dict[str, Any] = field(default_factory=default_dpo)
@@ -150,7 +151,7 @@ def stage_sft(work: Path, init: Path, settings: PipelineSettings, log: Log) -> t
     from acornlm.train.sft import run_sft
 
     examples = make_dataset(settings.sft_tasks, settings.sft_examples, seed=0)
-    examples += make_dataset("arithmetic", settings.sft_extra_arithmetic, seed=1)
+    examples += make_dataset(settings.sft_extra_task, settings.sft_extra_arithmetic, seed=1)
     data = write_jsonl(examples, work / "sft.jsonl")
     before = task_accuracy(init, settings.sft_tasks, settings.eval_examples)
     log(f"accuracy before SFT: {format_accuracy(before)}")

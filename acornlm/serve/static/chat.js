@@ -251,6 +251,8 @@ function init() {
   loadSettings();
   $("composer").addEventListener("submit", send);
   $("input").addEventListener("keydown", (event) => {
+    // Enter also confirms a candidate in a Chinese/Japanese input method: while composing it is not "send".
+    if (event.isComposing || event.keyCode === 229) return;
     if (event.key === "Enter" && !event.shiftKey) {
       event.preventDefault();
       $("composer").requestSubmit();
