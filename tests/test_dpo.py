@@ -322,3 +322,30 @@ def test_dpo_through_the_command_line(tiny_checkpoint, tmp_path, capsys):
         main(["train", "dpo", "--init", str(tiny_checkpoint), "--out", str(tmp_path / "x"), "--tasks", "sort",
               "--dpo.label_smoothing", "0.2", "--dpo.loss_type", "ipo", "--train.seq_len", "64"])
     assert exit_info.value.code == 2 and "label_smoothing applies to the sigmoid" in capsys.readouterr().err
+
+
+def test_rpo_adds_the_chosen_answers_nll_per_token_to_dpo():
+    from acornlm.train.dpo import DPOLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6, 11, requires_grad=True)  # 2 pairs: rows 0-1 chosen, 2-3 rejected
+    targets = torch.randint(0, 11, (4, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0], [0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0]])
+    reference = torch.tensor([-9.0, -5.0, -7.0, -11.0])
+    batch = {"input_ids": torch.zeros(4, 6, dtype=torch.long), "targets": targets, "mask": mask,
+             "reference_logps": reference}
+
+    class Fixed(torch.nn.Module):
+        training = True
+
+        def forward(self, ids):
+            return logits
+
+    plain = DPOLoss(beta=0.1)(Fixed(), batch)
+    rpo = DPOLoss(beta=0.1, sft_weight=0.5)(Fixed(), batch)
+    chosen_nll = -sequence_logprobs(logits[:2], targets[:2], mask[:2], average=True).mean()
+    assert rpo.item() == pytest.approx(plain.item() + 0.5 * chosen_nll.item(), rel=1e-6)
+    assert DPOConfig(sft_weight=1.0).sft_weight == 1.0
+    for bad in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="sft_weight"):
+            check_dpo_settings(0.1, 0.0, "sigmoid", bad)

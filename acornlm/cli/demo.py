@@ -20,6 +20,7 @@ import torch
 
 from acornlm.cli.demo_budget import choose_threads, estimate_steps, say, step_seconds
 from acornlm.cli.demo_chinese import (
+    BPE_VOCAB,
     TITLES,
     chat_answers,
     chinese_section,
@@ -97,7 +98,7 @@ def export_for_transformers(run_dir: Path, hf_dir: Path) -> str:
     return report
 
 
-def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo", vocab_size: int = 4096,
+def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo", vocab_size: int = 0,
          corpus: str | None = None, device: str = "auto", max_new_tokens: int = 160, seed: int = 1337,
          finetune: str = "full", finetune_minutes: float = 12.0, lora_rank: int = 16,
          eval_examples: int = 200, threads: int = 0, compare_minutes: float = 1.0) -> dict:
@@ -119,7 +120,7 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
         out: Directory for everything the demo writes (corpus/, tokenizer/, data/, run/, hf/, sft/, grpo/, dpo/, summary.md, report/).
         minutes: Wall-clock pretraining budget in minutes; the cosine schedule is sized to end with it.
         preset: Model and training preset (see acornlm/presets/).
-        vocab_size: BPE vocabulary size.
+        vocab_size: BPE vocabulary size; 0 = 4096 (English), 8192 (a Chinese corpus).
         corpus: Train on this corpus (files or a folder) instead of the embedded Shakespeare texts; or a Chinese corpus by name: tang-poems (唐诗; the demo then compares char and BPE tokenizers, prompts poems by title and counts their regular forms, and fine-tunes on Chinese chats), song-ci or shijing.
         device: "auto", "cpu", "cuda" or "mps".
         max_new_tokens: Length of each sample.
@@ -163,12 +164,14 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
     if chinese:
         say(f"[2/{stages}] tokenizer: char against byte-level BPE, {compare_minutes:g} minute(s) of training each")
         kind, comparison = compare_tokenizers(corpus_dir, out_dir, preset_data.get("model", {}),
-                                              {**preset_data.get("train", {}), "seed": seed}, compare_minutes, device)
+                                              {**preset_data.get("train", {}), "seed": seed}, compare_minutes, device,
+                                              bpe_vocab=vocab_size or BPE_VOCAB)
         say(f"      keeping {kind}: the lower val bits/byte at equal wall clock")
         tok_dir, data_dir = out_dir / f"tokenizer-{kind}", out_dir / f"data-{kind}"
         tokenizer = load_tokenizer(tok_dir)
         say(f"[3/{stages}] data: {data_dir} (prepared for the comparison)")
     else:
+        vocab_size = vocab_size or 4096
         say(f"[2/{stages}] tokenizer: byte-level BPE, {vocab_size} tokens")
         tok_dir = out_dir / "tokenizer"
         if (tok_dir / "tokenizer.json").is_file() and load_tokenizer(tok_dir).vocab_size == vocab_size:

@@ -17,7 +17,7 @@ from typing import Any
 
 from acornlm.cli.demo_budget import estimate_steps, say
 from acornlm.data.corpus import iter_documents
-from acornlm.data.poetry import poem_form, regular_share
+from acornlm.data.poetry import poem_form, read_poems, regular_share
 from acornlm.data.prepare import prepare_data
 from acornlm.data.tasks import use_poems
 from acornlm.eval.tasks import replies
@@ -39,20 +39,8 @@ def title_prompt(title: str) -> str:
     return f"《{title}》"
 
 
-def split_poem(document: str) -> tuple[str, str]:
-    """(title, body) of a corpus document `《title》poet\nline\nline...` (acornlm.data.poetry)."""
-    header, _, body = document.partition("\n")
-    title = header[1:header.index("》")] if header.startswith("《") and "》" in header else ""
-    return title, body
-
-
-def corpus_poems(corpus_dir: Path) -> list[tuple[str, str]]:
-    """(title, body) of every poem in the corpus, train and val (the task's own hash splits them)."""
-    return [split_poem(document.text) for document in iter_documents([corpus_dir])]
-
-
 def compare_tokenizers(corpus_dir: Path, out_dir: Path, model_fields: dict[str, Any], train_fields: dict[str, Any],
-                       minutes_each: float, device: str) -> tuple[str, list[dict[str, Any]]]:
+                       minutes_each: float, device: str, bpe_vocab: int = BPE_VOCAB) -> tuple[str, list[dict[str, Any]]]:
     """Train a char and a BPE tokenizer, prepare the data with each, pretrain the same model on each for
     `minutes_each`, and return the kind with the lower val bits/byte and every figure.
 
@@ -62,7 +50,7 @@ def compare_tokenizers(corpus_dir: Path, out_dir: Path, model_fields: dict[str, 
     """
     train_inputs = [corpus_dir / "train"]
     results = []
-    for kind, vocab in (("char", CHAR_VOCAB), ("bpe", BPE_VOCAB)):
+    for kind, vocab in (("char", CHAR_VOCAB), ("bpe", bpe_vocab)):
         tok_dir, data_dir = out_dir / f"tokenizer-{kind}", out_dir / f"data-{kind}"
         tokenizer = ensure_tokenizer(tok_dir, kind, vocab, train_inputs)
         meta = ensure_data(corpus_dir, tok_dir, data_dir, tokenizer)
@@ -128,7 +116,7 @@ def chat_answers(checkpoint: Path) -> list[tuple[str, str]]:
 
 def load_poem_task(corpus_dir: Path) -> int:
     """Give the zh_poem task the corpus's regular poems; returns how many."""
-    return use_poems(corpus_poems(corpus_dir))
+    return use_poems(read_poems([corpus_dir]))
 
 
 def chinese_section(comparison: list[dict[str, Any]] | None, forms: dict[str, Any] | None,

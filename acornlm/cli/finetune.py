@@ -86,16 +86,30 @@ def lora_merge(ckpt: str | None = None, out: str | None = None) -> None:
     print(f"merged {source} into {out_dir / CONFIG_FILE}", file=sys.stderr)
 
 
+def load_poems(tasks: list[str], poems: str | None) -> None:
+    """Give zh_poem its poems from --poems; ConfigError when it is asked for without them."""
+    from acornlm.data.poetry import read_poems
+    from acornlm.data.tasks import use_poems
+
+    if poems is not None:
+        count = use_poems(read_poems([poems]))
+        print(f"{count:,} regular poems from {poems} for zh_poem", file=sys.stderr)
+    elif "zh_poem" in tasks:
+        raise ConfigError("the zh_poem task needs --poems DIR: a poetry corpus (acornlm data fetch tang-poems --out DIR)")
+
+
 def eval_tasks(ckpt: str | None = None, tasks: str = "all", n: int = 50, seed: int = 0, device: str = "auto",
-               show: int = 0, json_output: bool = False) -> None:
+               show: int = 0, json_output: bool = False, poems: str | None = None) -> None:
     """Exact-match accuracy on held-out synthetic tasks, answering greedily with the chat template.
 
-    Tasks: arithmetic, reverse, count, sort, identity (see `acornlm data synth`). A checkpoint
-    with a LoRA adapter is evaluated with the adapter applied.
+    Tasks: arithmetic, reverse, count, sort, identity (group en, or all); zh_identity, zh_arithmetic,
+    zh_poem (group zh; see `acornlm data synth`). A checkpoint with a LoRA adapter is evaluated with
+    the adapter applied.
 
     Args:
         ckpt: Checkpoint or run directory.
-        tasks: Comma-separated task names, or "all".
+        tasks: Comma-separated task names, or a group: all (= en), en, zh.
+        poems: A poetry corpus folder (`acornlm data fetch tang-poems`) whose poems the zh_poem task asks for.
         n: Held-out examples per task.
         seed: Seed of the held-out examples (the held-out problems never occur in training data).
         device: auto, cpu, cuda, cuda:N or mps.
@@ -114,6 +128,7 @@ def eval_tasks(ckpt: str | None = None, tasks: str = "all", n: int = 50, seed: i
     if n < 1:
         raise ConfigError(f"--n must be a positive number of examples per task, got {n}")
     names = parse_tasks(tasks)
+    load_poems(names, poems)
     source = resolve_checkpoint(ckpt)
     model, info = load_model_with_adapter(source, device=resolve_device(device))
     lm = LanguageModel(model, load_tokenizer(source), info)
@@ -132,7 +147,8 @@ def eval_tasks(ckpt: str | None = None, tasks: str = "all", n: int = 50, seed: i
             print(f"[{name}] {prompt!r} -> {text.strip()!r} (expected {expected!r})")
 
 
-def synth(out: str | None = None, tasks: str = "all", n: int = 1000, seed: int = 0, split: str = "train") -> None:
+def synth(out: str | None = None, tasks: str = "all", n: int = 1000, seed: int = 0, split: str = "train",
+          poems: str | None = None) -> None:
     """Write synthetic chat tasks as JSONL in the messages format (offline fine-tuning data).
 
     Each line is {"messages": [user, assistant], "task": name}. The "heldout" split never shares a
@@ -140,15 +156,17 @@ def synth(out: str | None = None, tasks: str = "all", n: int = 1000, seed: int =
 
     Args:
         out: Output .jsonl file.
-        tasks: Comma-separated task names (arithmetic, reverse, count, sort, identity), or "all".
+        tasks: Comma-separated task names (arithmetic, reverse, count, sort, identity; zh_identity, zh_arithmetic, zh_poem), or a group: all (= en), en, zh.
         n: Examples per task.
         seed: Seed; the same seed writes the same file.
         split: "train" or "heldout".
+        poems: A poetry corpus folder (`acornlm data fetch tang-poems`): the titles and reference poems of zh_poem.
     """
-    from acornlm.data.tasks import make_dataset, write_jsonl
+    from acornlm.data.tasks import make_dataset, parse_tasks, write_jsonl
 
     if out is None:
         raise ConfigError("--out is required: the .jsonl file to write")
+    load_poems(parse_tasks(tasks), poems)
     examples = make_dataset(tasks, n, seed, split)
     path = write_jsonl(examples, out)
     print(f"wrote {len(examples):,} conversations to {path}", file=sys.stderr)

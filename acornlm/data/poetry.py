@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from acornlm.data.corpus import iter_documents
 from acornlm.errors import ConfigError, DataError
 from acornlm.files import atomic_path
 from acornlm.paths import cache_dir
@@ -381,6 +382,19 @@ def write_split(folder: Path, manifest: dict, out: Path) -> Path:
     if any(skipped):
         print(f"skipped {', '.join(s for s in skipped if s)}")
     return out
+
+
+def split_poem(document: str) -> tuple[str, str]:
+    """(title, body) of a corpus document `《title》poet\nline\nline...`; ("", "") without that header."""
+    header, _, body = document.partition("\n")
+    if not (header.startswith("《") and "》" in header):
+        return "", ""
+    return header[1:header.index("》")], body
+
+
+def read_poems(paths: Iterable[str | Path]) -> list[tuple[str, str]]:
+    """(title, body) of every poem document in a fetched corpus folder (or files), e.g. for the zh_poem task."""
+    return [split_poem(document.text) for document in iter_documents(list(paths))]
 
 
 # --- The form checker: is a text a regular 绝句 or 律诗? ---

@@ -114,8 +114,10 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     return DPOOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
 
 
-def check_dpo_settings(beta: float, label_smoothing: float, loss_type: str) -> None:
+def check_dpo_settings(beta: float, label_smoothing: float, loss_type: str, sft_weight: float = 0.0) -> None:
     """Reject settings that cannot work before anything is loaded."""
+    if not 0 <= sft_weight < float("inf"):
+        raise ConfigError(f"--dpo.sft_weight must be a finite number >= 0 (0 = plain DPO, 1 = RPO), got {sft_weight}")
     if loss_type not in DPO_LOSS_TYPES:
         raise ConfigError(f"--dpo.loss_type {loss_type!r} is unknown; choose one of {', '.join(DPO_LOSS_TYPES)}")
     if not beta > 0:
@@ -137,15 +139,19 @@ class DPOConfig:
         loss_type: "sigmoid" (DPO) or "ipo" (squared loss on length-averaged log-probs, Azar et al.).
         precompute_reference: Compute the reference log-probs once before training, so no frozen copy
             of the model stays in memory.
+        sft_weight: Adds sft_weight x the chosen answers' negative log-likelihood per token (RPO, Pang et
+            al. 2024). DPO only widens the margin, and can do so by making both answers less likely when
+            they share most tokens (八十二 vs 八十三); this term keeps the chosen answer likely. 0 = plain DPO.
     """
 
     beta: float = 0.1
     label_smoothing: float = 0.0
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     precompute_reference: bool = True
+    sft_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        check_dpo_settings(self.beta, self.label_smoothing, self.loss_type)
+        check_dpo_settings(self.beta, self.label_smoothing, self.loss_type, self.sft_weight)
 
 
 # --- the DPO stage: batches, reference log-probs, loss ---
@@ -224,9 +230,10 @@ class DPOLoss:
     """
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid",
-                 reference: nn.Module | None = None) -> None:
-        check_dpo_settings(beta, label_smoothing, loss_type)
+                 reference: nn.Module | None = None, sft_weight: float = 0.0) -> None:
+        check_dpo_settings(beta, label_smoothing, loss_type, sft_weight)
         self.beta, self.label_smoothing, self.loss_type = beta, label_smoothing, loss_type
+        self.sft_weight = sft_weight
         self.reference = reference
         if reference is not None:
             reference.eval().requires_grad_(False)
@@ -255,7 +262,12 @@ class DPOLoss:
             "reward_margin": out.margins.mean(), "preference_accuracy": out.accuracy,
             "chosen_reward": out.chosen_rewards.mean(), "rejected_reward": out.rejected_rewards.mean(),
         })
-        return out.losses.mean()
+        if not self.sft_weight:
+            return out.losses.mean()
+        # RPO: + sft_weight x (-log pi(chosen) per token), the SFT loss on the chosen answers
+        chosen_nll = -sequence_logprobs(logits[:pairs], batch["targets"][:pairs], batch["mask"][:pairs],
+                                        average=True)
+        return out.losses.mean() + self.sft_weight * chosen_nll.mean()
 
     def pop_metrics(self, training: bool) -> dict[str, float]:
         return self.metrics.pop(training)
@@ -309,7 +321,7 @@ def run_dpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | N
         batches = PreferenceBatches(train_encoded, val_encoded, train_config.batch_size, train_config.seed,
                                     start.tokenizer.eot_id, context.rank, context.world_size,
                                     train_config.grad_accum_steps, train_reference, val_reference)
-        loss = DPOLoss(dpo.beta, dpo.label_smoothing, dpo.loss_type, reference)
+        loss = DPOLoss(dpo.beta, dpo.label_smoothing, dpo.loss_type, reference, dpo.sft_weight)
         trainer = Trainer(
             model, train_config, start.out_dir, batches, loss, context=context, device=device,
             tokenizer_dir=start.source, resume_from=start.checkpoint, write_model=start.write_model,
