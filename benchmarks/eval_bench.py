@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import environment, preset_config  # noqa: E402
-from eval_fixtures import CEVAL_HEADER, write_csv, write_jsonl  # noqa: E402
+from eval_fixtures import ARC_TASK_YAML, CEVAL_HEADER, write_csv, write_jsonl  # noqa: E402
 
 import acornlm  # noqa: E402
 from acornlm.eval.bench import evaluate_benchmark  # noqa: E402
@@ -96,21 +96,6 @@ def acornlm_rate(ckpt: Path, data: Path, method: str, shots: int, batch_size: in
             "truncated": sum(r.truncated for r in run.results)}
 
 
-ARC_TASK = """task: bench_arc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
-doc_to_choice: "{{{{choices.text}}}}"
-metric_list:
-  - metric: acc
-"""
-
-
 def lm_eval_rates(ckpt: Path, arc: Path, root: Path, batch_size: int) -> dict:
     """The same ARC items through lm-eval twice: its own transformers backend on the HF export of the
     checkpoint, and our AcornLM class; both times include lm-eval's own request building."""
@@ -126,7 +111,7 @@ def lm_eval_rates(ckpt: Path, arc: Path, root: Path, batch_size: int) -> dict:
         export_hf(ckpt, hf_dir, verify=False)
     tasks = root / "tasks"
     tasks.mkdir(exist_ok=True)
-    (tasks / "arc.yaml").write_text(ARC_TASK.format(data=arc), encoding="utf-8")
+    (tasks / "arc.yaml").write_text(ARC_TASK_YAML.format(name="bench_arc", data=arc), encoding="utf-8")
     manager = TaskManager(include_path=str(tasks))
     models = {"lm_eval_hf": HFLM(pretrained=str(hf_dir), dtype="float32", device="cpu", batch_size=batch_size),
               "lm_eval_acornlm": AcornLM(pretrained=str(ckpt), batch_size=batch_size)}

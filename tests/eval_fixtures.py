@@ -68,3 +68,24 @@ def arc_records(count: int = 6) -> list[dict]:
     return [{"id": f"q{i}", "question": f"Which of these is a fruit ({i})?",
              "choices": {"text": fruits[i % 4:] + fruits[:i % 4], "label": ["A", "B", "C", "D"]},
              "answerKey": "ABCD"[(4 - i % 4) % 4]} for i in range(count)]
+
+
+# An lm-eval task over a local ARC-style jsonl (offline): `.format(name=..., data=path)`.
+ARC_TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
+doc_to_choice: "{{{{choices.text}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""

