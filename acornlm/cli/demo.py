@@ -30,6 +30,7 @@ from acornlm.cli.demo_chinese import (
     poems_from_titles,
     title_prompt,
 )
+from acornlm.cli.demo_data import ensure_data, ensure_tokenizer
 from acornlm.cli.demo_finetune import check_finetune_options, figure_lines, run_finetune, summary_section
 from acornlm.data.poetry import CORPORA as POETRY
 from acornlm.data.poetry import fetch_poetry
@@ -132,11 +133,9 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
         threads: CPU threads for torch; 0 = whichever of one per core and a single thread trains faster right now (a single thread wins when other work keeps the cores busy).
         compare_minutes: With a Chinese corpus: minutes of pretraining with each tokenizer (char, BPE) to compare their val bits/byte at equal wall clock; the better one is kept.
     """
-    from acornlm.data.corpus import iter_documents
-    from acornlm.data.prepare import prepare_data
     from acornlm.data.shakespeare import fetch_shakespeare
     from acornlm.infer.api import LanguageModel
-    from acornlm.tokenizer import load_tokenizer, train_tokenizer
+    from acornlm.tokenizer import load_tokenizer
     from acornlm.train.pretrain import run_pretrain
 
     if minutes <= 0:
@@ -174,23 +173,11 @@ def demo(out: str = "runs/demo", minutes: float = 10.0, preset: str = "cpu-demo"
         vocab_size = vocab_size or 4096
         say(f"[2/{stages}] tokenizer: byte-level BPE, {vocab_size} tokens")
         tok_dir = out_dir / "tokenizer"
-        if (tok_dir / "tokenizer.json").is_file() and load_tokenizer(tok_dir).vocab_size == vocab_size:
-            tokenizer = load_tokenizer(tok_dir)
-            say(f"      reusing {tok_dir}")
-        else:
-            tokenizer = train_tokenizer((d.text for d in iter_documents(train_inputs)), "bpe", vocab_size)
-            tokenizer.save(tok_dir)
-
+        tokenizer = ensure_tokenizer(tok_dir, "bpe", vocab_size, train_inputs)
         say(f"[3/{stages}] data")
         data_dir = out_dir / "data"
-        meta_file = data_dir / "meta.json"
-        if not (meta_file.is_file() and json.loads(meta_file.read_text())["tokenizer"]["fingerprint"]
-                == tokenizer.fingerprint):
-            val = [corpus_dir / "val"] if (corpus_dir / "val").is_dir() else None
-            prepare_data(inputs=train_inputs, tokenizer_dir=tok_dir, out=data_dir, val_inputs=val,
-                         val_fraction=0.0 if val else 0.05)
-        else:
-            say(f"      reusing {data_dir}")
+        val = [corpus_dir / "val"] if (corpus_dir / "val").is_dir() else None
+        ensure_data(train_inputs, val, tok_dir, data_dir, tokenizer)
 
     model_config = ModelConfig(**{**preset_data.get("model", {}), "vocab_size": tokenizer.vocab_size})
     train_fields = {**preset_data.get("train", {}), "max_minutes": minutes, "seed": seed, "device": device}

@@ -10,20 +10,17 @@ a regular form, and the chats at the end, in Chinese.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from acornlm.cli.demo_budget import estimate_steps, say
-from acornlm.data.corpus import iter_documents
+from acornlm.cli.demo_data import ensure_data, ensure_tokenizer
 from acornlm.data.poetry import poem_form, read_poems, regular_share
-from acornlm.data.prepare import prepare_data
 from acornlm.data.tasks import use_poems
 from acornlm.eval.tasks import replies
 from acornlm.infer.api import LanguageModel
 from acornlm.model import ModelConfig
-from acornlm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from acornlm.train.config import TrainConfig
 from acornlm.train.pretrain import run_pretrain
 
@@ -53,7 +50,7 @@ def compare_tokenizers(corpus_dir: Path, out_dir: Path, model_fields: dict[str, 
     for kind, vocab in (("char", CHAR_VOCAB), ("bpe", bpe_vocab)):
         tok_dir, data_dir = out_dir / f"tokenizer-{kind}", out_dir / f"data-{kind}"
         tokenizer = ensure_tokenizer(tok_dir, kind, vocab, train_inputs)
-        meta = ensure_data(corpus_dir, tok_dir, data_dir, tokenizer)
+        meta = ensure_data(train_inputs, [corpus_dir / "val"], tok_dir, data_dir, tokenizer)
         model_config = ModelConfig(**{**model_fields, "vocab_size": tokenizer.vocab_size})
         config = TrainConfig(**{**train_fields, "max_minutes": minutes_each, "device": device})
         steps = estimate_steps(model_config, config, minutes_each, device)
@@ -70,26 +67,6 @@ def compare_tokenizers(corpus_dir: Path, out_dir: Path, model_fields: dict[str, 
         say(f"      {kind}: val {summary.get('val_bpb', float('nan')):.4f} bits/byte after {steps} steps")
     best = min(results, key=lambda r: r["val_bpb"] if r["val_bpb"] is not None else float("inf"))
     return best["kind"], results
-
-
-def ensure_tokenizer(tok_dir: Path, kind: str, vocab: int, inputs: list[Path]) -> Tokenizer:
-    if (tok_dir / "tokenizer.json").is_file():
-        tokenizer = load_tokenizer(tok_dir)
-        if tokenizer.kind == kind:
-            return tokenizer
-    tokenizer = train_tokenizer((d.text for d in iter_documents(inputs)), kind, vocab)
-    tokenizer.save(tok_dir)
-    return tokenizer
-
-
-def ensure_data(corpus_dir: Path, tok_dir: Path, data_dir: Path, tokenizer: Tokenizer) -> dict[str, Any]:
-    """The prepared data of `corpus_dir` with this tokenizer (reused when its fingerprint matches)."""
-    meta_file = data_dir / "meta.json"
-    if not (meta_file.is_file() and json.loads(meta_file.read_text())["tokenizer"]["fingerprint"]
-            == tokenizer.fingerprint):
-        prepare_data(inputs=[corpus_dir / "train"], tokenizer_dir=tok_dir, out=data_dir,
-                     val_inputs=[corpus_dir / "val"], val_fraction=0.0)
-    return json.loads(meta_file.read_text())
 
 
 def poems_from_titles(lm: LanguageModel, titles: tuple[str, ...], max_new_tokens: int, seed: int,

@@ -33,6 +33,7 @@ from acornlm.eval.tasks import STOP_IDS
 from acornlm.infer.api import LanguageModel
 from acornlm.infer.generate import generate_tokens
 from acornlm.infer.sampling import SamplingParams
+from acornlm.infer.streaming import StreamingDetokenizer
 
 
 @register_model("acornlm")
@@ -118,17 +119,14 @@ class AcornLM(LM):
                                 top_p=float(options.pop("top_p", 1.0)), seed=0)
         prompt = self.lm.tokenizer.encode(context) or [self.lm.tokenizer.eot_id]
         prompt = prompt[-max(1, self.max_length - budget):]  # left-truncate, as lm-eval's HF backend does
-        tokens: list[int] = []
+        detokenizer = StreamingDetokenizer(self.lm.tokenizer.token_bytes, stop=until)  # cuts at a stop string
         text = ""
         for token in generate_tokens(self.lm.model, prompt, params, eos_ids=STOP_IDS,
                                      vocab_size=self.lm.tokenizer.vocab_size):
-            tokens.append(token)
-            text = self.lm.tokenizer.decode(tokens)
-            if any(stop in text for stop in until):
+            text += detokenizer.push(token)
+            if detokenizer.stopped:
                 break
-        for stop in until:
-            text = text.split(stop)[0] if stop else text
-        return text
+        return text + detokenizer.flush()
 
     # --- chat template (lm-eval's --apply_chat_template) ---
 
