@@ -114,12 +114,13 @@ def test_message_problems_are_named():
                             {"role": "assistant", "content": "c"}]).startswith("roles out of order")
     assert message_problem([{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
                             {"role": "assistant", "content": "c"}]).startswith("roles out of order")
-    assert message_problem([{"role": "tool", "content": "a"}]).startswith("unsupported role")
+    assert message_problem([{"role": "function", "content": "a"}]).startswith("unsupported role")
+    assert message_problem([{"role": "tool", "content": "a"}]).startswith("roles out of order")
     assert "special token" in message_problem([{"role": "user", "content": "a<|im_end|>"},
                                                {"role": "assistant", "content": "b"}])
     assert message_problem([{"role": "user", "content": 3}]).startswith("malformed")
     with pytest.raises(DataError, match="roles out of order"):
-        render_chat(train_tokenizer(["ab"], kind="char", vocab_size=8), [{"role": "assistant", "content": "a"}])
+        render_chat(train_tokenizer(["ab"], kind="char", vocab_size=16), [{"role": "assistant", "content": "a"}])
 
 
 # --- dataset formats ---

@@ -21,6 +21,7 @@ from acornlm.tokenizer import train_tokenizer
 
 gguf = pytest.importorskip("gguf")
 from acornlm.export.gguf import export_gguf  # noqa: E402
+from acornlm.tokenizer.special_tokens import CHAT_TOKENS  # noqa: E402
 
 WORDS = ("the king queen castle river stone green light night sword song walks speaks "
          "café naïve 你好 世界 學習 🙂 🚀 don't it's 2024 3.14").split()
@@ -144,7 +145,10 @@ def test_metadata_and_tokenizer_match_the_checkpoint(variant, exported, checkpoi
     assert len(tokens) == len(types) == config.vocab_size
     assert tokens[:tok.vocab_size] == [tok.id_to_token(i) for i in range(tok.vocab_size)]
     assert types[:3] == [gguf.TokenType.CONTROL] * 3  # <|endoftext|>, <|im_start|>, <|im_end|>
-    assert set(types[3:tok.vocab_size]) == {gguf.TokenType.NORMAL}
+    chat = [tok.token_to_id(t) for t in CHAT_TOKENS]  # <think>, <tool_call>, ...: text llama.cpp keeps
+    assert chat == list(range(tok.vocab_size - len(CHAT_TOKENS), tok.vocab_size))
+    assert set(types[3:chat[0]]) == {gguf.TokenType.NORMAL}
+    assert types[chat[0]:tok.vocab_size] == [gguf.TokenType.USER_DEFINED] * len(CHAT_TOKENS)
     padding = range(tok.vocab_size, config.vocab_size)
     assert tokens[tok.vocab_size:] == [f"[PAD{i}]" for i in padding]
     assert types[tok.vocab_size:] == [gguf.TokenType.UNUSED] * len(padding)

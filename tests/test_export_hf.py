@@ -26,7 +26,7 @@ from acornlm.export.hf import (
 from acornlm.model import ModelConfig, Transformer
 from acornlm.model.checkpoint import write_model_files
 from acornlm.tokenizer import train_tokenizer
-from acornlm.tokenizer.hf_config import render_chatml
+from acornlm.tokenizer.chat_template import render_text
 
 needs_transformers = pytest.mark.skipif(not transformers_available(), reason="pip install 'acornlm[export]'")
 
@@ -142,7 +142,7 @@ def test_tokenizer_chat_template_and_model_card(tmp_path, tokenizer_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
-    assert tokenizer.apply_chat_template(messages, tokenize=False) == render_chatml(messages)
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == render_text(messages)
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [0, 2]  # a chat model also stops at <|im_end|>
     card = (tmp_path / "hf" / "README.md").read_text()

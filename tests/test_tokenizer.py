@@ -10,8 +10,8 @@ from acornlm.cli import tokenizer as tokenizer_cli
 from acornlm.errors import ConfigError, DataError
 from acornlm.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_tokenizer
 from acornlm.tokenizer.bpe import MIN_BPE_VOCAB_SIZE, bytes_to_unicode
-from acornlm.tokenizer.hf_config import render_chatml
-from acornlm.tokenizer.special_tokens import UNK_TOKEN
+from acornlm.tokenizer.chat_template import render_text
+from acornlm.tokenizer.special_tokens import CHAT_TOKENS, UNK_TOKEN
 
 BPE_VOCAB_SIZE = 400
 SYLLABLES = ["ka", "to", "ri", "mu", "sen", "lo", "pa", "qi", "zu", "be", "the", "ing", "and", "or"]
@@ -134,9 +134,9 @@ def test_token_bytes_rejects_ids_outside_the_vocab(bpe):
 
 def test_char_vocab_is_specials_unk_then_sorted_characters(char_tok):
     chars = sorted(set("hello world\n" + "To be, or not to be 你好"))
-    expected = [*SPECIAL_TOKENS, UNK_TOKEN, *chars]
+    expected = [*SPECIAL_TOKENS, UNK_TOKEN, *chars, *CHAT_TOKENS]  # the chat tokens take the last ids
     assert char_tok.kind == "char"
-    assert char_tok.vocab_size == len(chars) + 4
+    assert char_tok.vocab_size == len(chars) + 4 + len(CHAT_TOKENS)
     assert [char_tok.id_to_token(i) for i in range(char_tok.vocab_size)] == expected
 
 
@@ -156,12 +156,12 @@ def test_char_unseen_character_becomes_unk(char_tok):
 
 
 def test_char_vocab_size_is_an_upper_bound_keeping_the_most_frequent(recwarn):
-    tok = train_tokenizer(["aaaa bbb cc d"], "char", vocab_size=7)  # 4 reserved + 3 characters
-    assert [tok.id_to_token(i) for i in range(4, tok.vocab_size)] == [" ", "a", "b"]
+    tok = train_tokenizer(["aaaa bbb cc d"], "char", vocab_size=13)  # 4 reserved + 3 characters + 6 chat
+    assert [tok.id_to_token(i) for i in range(4, 7)] == [" ", "a", "b"]
     assert tok.encode("abcd") == [5, 6, 3, 3]
     assert any("do not fit" in str(w.message) for w in recwarn)
     small = train_tokenizer(["ab"], "char", vocab_size=4096)  # fewer characters: a smaller vocab, no error
-    assert small.vocab_size == 6
+    assert small.vocab_size == 6 + len(CHAT_TOKENS)
 
 
 # --- save / load --------------------------------------------------------------------------------
@@ -229,9 +229,9 @@ def test_chat_template_renders_chatml(bpe, tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好?"}]
     expected = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n你好?<|im_end|>\n"
-    assert hf.apply_chat_template(messages, tokenize=False) == expected == render_chatml(messages)
+    assert hf.apply_chat_template(messages, tokenize=False) == expected == render_text(messages)
     with_prompt = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert with_prompt == expected + "<|im_start|>assistant\n" == render_chatml(messages, add_generation_prompt=True)
+    assert with_prompt == expected + "<|im_start|>assistant\n" == render_text(messages, add_generation_prompt=True)
     assert bpe.encode(with_prompt)[:1] == [1] and bpe.encode(with_prompt).count(2) == 2
 
 
@@ -239,10 +239,10 @@ def test_chat_template_renders_chatml(bpe, tmp_path):
 
 
 def test_bpe_vocab_below_bytes_plus_specials_is_rejected():
-    assert MIN_BPE_VOCAB_SIZE == 259
-    with pytest.raises(ConfigError, match="minimum is 259"):
+    assert MIN_BPE_VOCAB_SIZE == 265
+    with pytest.raises(ConfigError, match="minimum is 265"):
         train_tokenizer(["some text"], "bpe", 258)
-    assert train_tokenizer(["some text"], "bpe", 259).vocab_size == 259
+    assert train_tokenizer(["some text"], "bpe", 265).vocab_size == 265
 
 
 def test_bpe_vocab_above_what_the_corpus_supports_says_the_reached_size():
@@ -264,7 +264,7 @@ def test_empty_training_text_is_rejected(kind, texts):
 def test_bad_kind_and_bad_char_vocab_are_rejected():
     with pytest.raises(ConfigError, match="unknown tokenizer kind 'wordpiece'"):
         train_tokenizer(["text"], "wordpiece", 300)
-    with pytest.raises(ConfigError, match="minimum is 5"):
+    with pytest.raises(ConfigError, match="minimum is 11"):
         train_tokenizer(["text"], "char", 4)
     with pytest.raises(DataError, match="not a string"):
         train_tokenizer(["text", b"bytes"], "char", 100)

@@ -59,7 +59,7 @@ def checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("viz") / "ckpt"
     directory.mkdir()
     tokenizer = train_tokenizer(["To be, or not to be, that is the question. 床前明月光 🌙"] * 3
-                                + ["the king and the queen walk by the river"] * 3, "bpe", 290)
+                                + ["the king and the queen walk by the river"] * 3, "bpe", 296)
     tokenizer.save(directory / "tokenizer")
     write_model_files(directory, tiny_model("rope_gqa_qknorm", tokenizer.vocab_size), {"step": 1},
                       tokenizer_dir=directory / "tokenizer")

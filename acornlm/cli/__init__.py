@@ -109,9 +109,10 @@ def build_commands() -> dict:
 
     return {
         "data": {"fetch": data.fetch, "prepare": data.prepare, "synth": finetune.synth},
-        "tokenizer": {"train": tokenizer.train, "stats": tokenizer.stats, "compare": tokenizer.compare},
+        "tokenizer": {"train": tokenizer.train, "stats": tokenizer.stats, "compare": tokenizer.compare,
+                      "add-chat-tokens": tokenizer.add_chat_tokens},
         "train": {"pretrain": train.pretrain, "sft": finetune.sft, "dpo": align.dpo, "grpo": align.grpo,
-                  "distill": align.distill},
+                  "ppo": align.ppo, "distill": align.distill, "reward": align.reward},
         "lora": {"merge": finetune.lora_merge},
         "eval": {"tasks": finetune.eval_tasks, "bench": evaluate.bench, "harness": evaluate.harness,
                  "ppl": evaluate.ppl, "contamination": evaluate.contamination},

@@ -14,10 +14,12 @@ from acornlm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 def ensure_tokenizer(tok_dir: Path, kind: str, vocab_size: int, inputs: list[Path]) -> Tokenizer:
     """The tokenizer saved in `tok_dir` when it is of this kind (and, for BPE, this size: a char
-    vocabulary size is only an upper bound); otherwise a new one trained on `inputs` and saved there."""
+    vocabulary size is only an upper bound) and has the chat tokens; otherwise a new one trained on
+    `inputs` and saved there."""
     if (tok_dir / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(tok_dir)
-        if tokenizer.kind == kind and (kind == "char" or tokenizer.vocab_size == vocab_size):
+        if tokenizer.kind == kind and (kind == "char" or tokenizer.vocab_size == vocab_size) \
+                and not tokenizer.missing_chat_tokens:
             say(f"      reusing {tok_dir}")
             return tokenizer
     tokenizer = train_tokenizer((d.text for d in iter_documents(inputs)), kind, vocab_size)

@@ -1,4 +1,4 @@
-"""`acornlm tokenizer train`, `acornlm tokenizer stats` and `acornlm tokenizer compare`."""
+"""`acornlm tokenizer train`, `stats`, `compare` and `add-chat-tokens`."""
 
 from __future__ import annotations
 
@@ -250,3 +250,53 @@ def _texts(inputs: list[str], errors: str) -> Iterator[str]:
 
     for document in iter_documents(inputs, errors=errors):
         yield document.text
+
+
+def add_chat_tokens(ckpt: str | None = None, out: str | None = None) -> None:
+    """Give an older tokenizer (and its model) the chat tokens for thinking and tool calls.
+
+    Appends <think>, </think>, <tool_call>, </tool_call>, <tool_response>, </tool_response> at the
+    end of the vocabulary, so no id the model knows moves; a checkpoint's embedding (and untied
+    output head) grows by as many rows, each the mean of the existing rows. The model gives the same
+    logits as before on every text without the new tokens; fine-tune it on tool or reasoning chats
+    to teach it what they mean. Tokenizers trained by acornlm since these tokens exist have them
+    already (then there is nothing to do).
+
+    Args:
+        ckpt: A checkpoint or run directory (the model grows too), or a tokenizer directory.
+        out: Directory for the result (must not exist yet, or be empty).
+    """
+    from acornlm.files import atomic_path
+    from acornlm.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, write_model_files
+    from acornlm.model.vocab import resize_vocabulary
+    from acornlm.tokenizer import load_tokenizer
+    from acornlm.tokenizer.hf_config import read_tokenizer_config
+    from acornlm.tokenizer.tokenizer import add_chat_tokens as extend
+
+    if ckpt is None or out is None:
+        raise ConfigError("--ckpt and --out are required: the checkpoint (or tokenizer) to extend, and where to "
+                          "write the result")
+    source, out_dir = Path(ckpt), Path(out)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"{out_dir} is not empty; choose a new --out")
+    if (source / "checkpoints" / "latest").exists():
+        source = source / "checkpoints" / "latest"
+    tokenizer, added = extend(load_tokenizer(source))
+    if not added:
+        raise ConfigError(f"{source} already has every chat token; nothing to add")
+    has_model = (source / WEIGHTS_FILE).is_file() and (source / CONFIG_FILE).is_file()
+    with atomic_path(out_dir, directory=True) as tmp:
+        tmp.mkdir(parents=True, exist_ok=True)
+        if has_model:
+            model, info = load_model(source)
+            if model.config.vocab_size < tokenizer.vocab_size:
+                model = resize_vocabulary(model, tokenizer.vocab_size)
+            keep = {k: v for k, v in info.items() if k not in ("format", "version", "model")}
+            if isinstance(keep.get("tokenizer"), dict):  # the run's record of its tokenizer
+                keep["tokenizer"] = {**keep["tokenizer"], "fingerprint": tokenizer.fingerprint,
+                                     "vocab_size": tokenizer.vocab_size}
+            write_model_files(tmp, model, info={**keep, "chat_tokens_added_from": str(source)})
+        tokenizer.save(tmp, model_max_length=read_tokenizer_config(source).get("model_max_length"))
+    what = "checkpoint" if has_model else "tokenizer"
+    print(f"added {', '.join(added)} (ids {tokenizer.vocab_size - len(added)}..{tokenizer.vocab_size - 1}) "
+          f"to the {what} in {out_dir}", file=sys.stderr)

@@ -12,10 +12,24 @@ Interface (used by the SFT stage and by the DPO/GRPO/distillation stages):
 
 Formats (auto-detected from the first record of each file, or named with `data_format`):
 
-    messages   {"messages": [{"role", "content"}, ...]}                       OpenAI / TRL
+    messages   {"messages": [{"role", "content"}, ...], "tools"?}             OpenAI / TRL
     minimind   {"conversations": [{"role", "content"}, ...]}                  MiniMind sft_*.jsonl
-    sharegpt   {"conversations": [{"from", "value"}, ...]}                    ShareGPT (human/gpt/system)
+    sharegpt   {"conversations": [{"from", "value"}, ...], "system"?, "tools"?}  ShareGPT / LLaMA-Factory
     alpaca     {"instruction", "input"?, "output", "system"?, "history"?}     Alpaca / LLaMA-Factory
+
+Tools and thinking, as each format writes them:
+
+    messages   assistant {"tool_calls": [{"id", "type": "function", "function": {"name", "arguments"}}],
+               "reasoning_content"?}, then {"role": "tool", "tool_call_id", "content"}; "tools" beside "messages"
+    minimind   the same roles; "tools" (a JSON string or list) on the system message, "tool_calls"
+               (a JSON string or list) and "reasoning_content" on assistant messages
+    sharegpt   {"from": "function_call", "value": "{\"name\", \"arguments\"}"} (one call or a list) and
+               {"from": "observation", "value": result}; "tools" a JSON string beside "conversations"
+
+Every form becomes one shape: assistant messages with "tool_calls": [{"name", "arguments": dict}]
+and "reasoning_content" (also split out of a content written "<think>...</think>answer"), "tool"
+messages, and the conversation's `tools`. Tool JSON that does not parse is a DataError naming the
+file and line.
 
 Files are `.jsonl` (one record per line; errors name the line) or `.json` holding a list of records
 (errors name the item); a folder means every such file inside, in sorted order.
@@ -25,7 +39,7 @@ fields of its format, or a message without a string role/content is a DataError 
 and line (the file is malformed and needs fixing). A well-formed conversation that cannot be
 trained on is *skipped and counted*: one with no assistant turn, roles out of order (after an
 optional system message, turns must alternate user/assistant starting with user), an unsupported
-role (tool, function, ...) or ChatML special tokens inside a content. Skipping, not failing,
+role or ChatML special tokens inside a content. Skipping, not failing,
 because large public datasets always hold a few such rows; `stats` reports how many and where.
 """
 
@@ -39,8 +53,10 @@ from typing import Any
 
 import numpy as np
 
-from acornlm.data.chat import Message, message_problem
+from acornlm.data.chat import Message, message_problem, tool_call_shape_problem
+from acornlm.data.tools import tool_names
 from acornlm.errors import ConfigError, DataError
+from acornlm.tokenizer.chat_template import split_inline_reasoning
 
 FORMATS = {
     "messages": '{"messages": [{"role", "content"}, ...]} (OpenAI / TRL)',
@@ -50,7 +66,8 @@ FORMATS = {
 }
 DATA_SUFFIXES = (".jsonl", ".json")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "model": "assistant", "system": "system"}
+                  "chatgpt": "assistant", "model": "assistant", "system": "system",
+                  "function_call": "function_call", "observation": "tool", "tool": "tool"}
 MAX_PROBLEM_EXAMPLES = 5
 
 
@@ -60,6 +77,7 @@ class Conversation:
 
     messages: list[Message]
     source: str
+    tools: list[dict[str, Any]] | None = None  # the functions the model may call, shown in the system turn
 
 
 @dataclass
@@ -185,23 +203,86 @@ def content_text(content: Any, where: str) -> str:
 
 def parse_messages(turns: Any, where: str, role_key: str = "role", content_key: str = "content",
                    role_names: dict[str, str] | None = None) -> list[Message]:
-    """A list of {role, content} dicts (keys and role names as in the source format) as messages.
+    """A list of {role, content} dicts (keys and role names as in the source format) as messages,
+    with their tool calls and thinking in the one shape described in the module docstring.
 
     A role name that `role_names` does not know is kept as it is, so the conversation is
     skipped as "unsupported role" rather than failing the whole file.
     """
     if not isinstance(turns, list):
         raise DataError(f"{where}: expected a list of messages, got {type(turns).__name__}")
-    messages = []
+    messages: list[Message] = []
     for index, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get(role_key), str) or content_key not in turn:
+        here = f"{where}: message #{index}"
+        if not isinstance(turn, dict) or not isinstance(turn.get(role_key), str) or (
+                content_key not in turn and not turn.get("tool_calls")):
             raise DataError(f"{where}: message #{index} must be an object with a string {role_key!r} and a "
                             f"{content_key!r}, got {describe_keys(turn)}")
         role = turn[role_key]
         if role_names is not None:
             role = role_names.get(role.lower(), role)
-        messages.append({"role": role, "content": content_text(turn[content_key], f"{where}: message #{index}")})
+        content = turn.get(content_key)
+        text = "" if content is None else content_text(content, here)
+        if role == "function_call":  # ShareGPT: the value is the call (or a list of calls)
+            calls = parse_tool_calls(text, here)
+            if messages and messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls"):
+                messages[-1]["tool_calls"] = calls  # a reply that both speaks and calls
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+            continue
+        message: Message = {"role": role, "content": text}
+        if role == "assistant":
+            reasoning = turn.get("reasoning_content", turn.get("reasoning"))
+            if reasoning is not None and not isinstance(reasoning, str):
+                raise DataError(f"{here}: reasoning_content must be a string, got {type(reasoning).__name__}")
+            if reasoning is None:
+                reasoning, text = split_inline_reasoning(text)
+                reasoning = None if reasoning is None else reasoning.strip("\n")  # as the template renders it
+                message["content"] = text
+            if reasoning is not None:
+                message["reasoning_content"] = reasoning
+            if turn.get("tool_calls"):
+                message["tool_calls"] = parse_tool_calls(turn["tool_calls"], here)
+        messages.append(message)
     return messages
+
+
+def parse_tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """Tool calls in any of the formats' spellings (a JSON string or a list; each call bare or in
+    OpenAI's {"function": {...}}, arguments a dict or a JSON string) as [{"name", "arguments": dict}]."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: the tool calls are not valid JSON ({exc.msg}, column {exc.colno}): "
+                            f"{value!r:.80}") from exc
+    calls = value if isinstance(value, list) else [value]
+    parsed = []
+    for number, call in enumerate(calls):
+        problem = tool_call_shape_problem(call)
+        if problem:
+            raise DataError(f"{where}: tool call #{number}: {problem}")
+        function = call.get("function", call)
+        arguments = function.get("arguments", {})
+        parsed.append({"name": function["name"],
+                       "arguments": json.loads(arguments) if isinstance(arguments, str) else arguments})
+    return parsed
+
+
+def parse_tools(value: Any, where: str) -> list[dict[str, Any]] | None:
+    """A tools list (a JSON string or a list of schemas) as a list; None when there is none."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: 'tools' is not valid JSON ({exc.msg}, column {exc.colno})") from exc
+    value = [value] if isinstance(value, dict) else value
+    if not isinstance(value, list) or not all(isinstance(tool, dict) and tool_names([tool]) for tool in value):
+        raise DataError(f"{where}: 'tools' must be a list of function schemas, each with a name "
+                        "({\"type\": \"function\", \"function\": {\"name\", \"parameters\"}} or bare)")
+    return value
 
 
 def parse_alpaca(record: dict, where: str) -> list[Message]:
@@ -243,21 +324,28 @@ def fits_format(record: Any, data_format: str) -> bool:
     return "instruction" in record and "output" in record
 
 
-def parse_record(record: Any, data_format: str, where: str) -> list[Message]:
-    """The messages of one record in `data_format`; DataError (naming `where`) when it does not fit."""
+def parse_record(record: Any, data_format: str, where: str) -> tuple[list[Message], list[dict] | None]:
+    """The (messages, tools) of one record in `data_format`; DataError (naming `where`) when it does not fit."""
     if data_format not in FORMATS:
         raise DataError(f"unknown chat data format {data_format!r}: choose auto or one of {', '.join(FORMATS)}")
     if not fits_format(record, data_format):
         raise DataError(f"{where}: expected the {data_format} format {FORMATS[data_format]}, "
                         f"found {describe_keys(record)}")
-    if data_format == "messages":
-        return parse_messages(record["messages"], where)
-    if data_format == "minimind":
-        return parse_messages(record["conversations"], where)
+    if data_format == "alpaca":
+        return parse_alpaca(record, where), None
     if data_format == "sharegpt":
         turns = record.get("conversations", record.get("messages"))
-        return parse_messages(turns, where, "from", "value", SHAREGPT_ROLES)
-    return parse_alpaca(record, where)
+        messages = parse_messages(turns, where, "from", "value", SHAREGPT_ROLES)
+        system = record.get("system")
+        if isinstance(system, str) and system and messages[:1] and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system})
+        return messages, parse_tools(record.get("tools"), where)
+    turns = record["messages"] if data_format == "messages" else record["conversations"]
+    messages = parse_messages(turns, where)
+    tools = parse_tools(record.get("tools"), where)
+    if tools is None and isinstance(turns, list) and turns and isinstance(turns[0], dict):
+        tools = parse_tools(turns[0].get("tools") or turns[0].get("functions"), where)  # MiniMind: on the system turn
+    return messages, tools
 
 
 # --- loading ---
@@ -283,12 +371,12 @@ def load_conversations(paths: Sequence[str | Path] | str | Path,
                     raise unknown_format_error(where, record)
             stats.formats[str(path)] = file_format
             stats.records += 1
-            messages = parse_record(record, file_format, where)
+            messages, tools = parse_record(record, file_format, where)
             problem = message_problem(messages)
             if problem:
                 stats.skip(where, problem)
                 continue
-            conversations.append(Conversation(messages, where))
+            conversations.append(Conversation(messages, where, tools))
             stats.kept += 1
     if not conversations:
         detail = f": {'; '.join(stats.problems)}" if stats.problems else ""

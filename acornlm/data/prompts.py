@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from acornlm.data.agent_tasks import AGENT_TASKS
+from acornlm.data.agent_tasks import task_records as agent_task_records
 from acornlm.data.chat import message_problem
 from acornlm.data.conversations import data_files, describe_keys, iter_records, parse_messages
 from acornlm.data.tasks import make_dataset
@@ -48,7 +50,13 @@ def load_prompt_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
 
 
 def task_prompt_records(tasks: str, count: int, seed: int, split: str) -> list[dict[str, Any]]:
-    """`count` prompts per task from acornlm.data.tasks (`split` "train" or "heldout"), with answers."""
-    return [{"messages": example.messages(with_answer=False), "prompt": example.prompt,
-             "answer": example.answer, "task": example.task}
-            for example in make_dataset(tasks, count, seed, split)]
+    """`count` prompts per task from acornlm.data.tasks (`split` "train" or "heldout"), with answers;
+    the tool and thinking tasks of acornlm.data.agent_tasks (price, add) bring their tools and
+    environment state too."""
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    agent = [name for name in names if name in AGENT_TASKS]
+    plain = ",".join(name for name in names if name not in AGENT_TASKS)
+    records = [{"messages": example.messages(with_answer=False), "prompt": example.prompt,
+                "answer": example.answer, "task": example.task}
+               for example in (make_dataset(plain, count, seed, split) if plain else [])]
+    return records + (agent_task_records(agent, count, seed, split) if agent else [])

@@ -87,7 +87,7 @@ def encode_conversations(tokenizer: Tokenizer, conversations: Sequence[Conversat
     examples = []
     for conversation in conversations:
         stats.conversations += 1
-        example = render_chat(tokenizer, conversation.messages)
+        example = render_chat(tokenizer, conversation.messages, tools=conversation.tools)
         stats.longest = max(stats.longest, len(example))
         if len(example) > max_tokens:
             example = truncate_example(example, max_tokens) if truncation == "truncate" else None

@@ -16,6 +16,9 @@ the same way: top-level `rope_theta` and `rope_scaling` (4.x) next to `rope_para
 and both `torch_dtype` (4.x) and `dtype` (5.x).
 
 Mixture-of-experts models (Qwen2-MoE, Qwen3-MoE, Mixtral) live in `acornlm.export.hf_moe`.
+A reward model (`acornlm train reward`, config.json "head": "score") is exported as the family's
+sequence classifier (LlamaForSequenceClassification, ...): the same weights, `score` instead of
+`lm_head`, num_labels 1, verified by comparing rewards (`export_reward_hf`).
 Adding an architecture means: a branch in
 `choose_architecture`, its config fields in `hf_config`, and its weight names in `weights_to_hf`
 (and the inverse in `weights_from_hf`, which `acornlm.export.hf_import` uses).
@@ -45,7 +48,7 @@ from acornlm.export.hf_moe import (
     moe_weights_from_hf,
     moe_weights_to_hf,
 )
-from acornlm.export.model_card import model_card
+from acornlm.export.model_card import architecture_rows, model_card, table, training_rows
 from acornlm.files import atomic_path
 from acornlm.infer.generate import generate_tokens
 from acornlm.infer.sampling import SamplingParams
@@ -60,8 +63,10 @@ from acornlm.model.checkpoint import (
     resolve_checkpoint,
 )
 from acornlm.model.rope import normalize_rope_scaling
-from acornlm.tokenizer.hf_config import CHATML_TEMPLATE, read_tokenizer_config
-from acornlm.tokenizer.special_tokens import EOT_TOKEN, IM_END_TOKEN
+from acornlm.tokenizer.chat_template import CHAT_TEMPLATE
+from acornlm.tokenizer.hf_config import read_tokenizer_config
+from acornlm.tokenizer.special_tokens import EOT_TOKEN, IM_END_TOKEN, IM_START_TOKEN
+from acornlm.train.reward_model import is_reward_checkpoint, load_reward_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LLAMA, QWEN3, GPT2 = "LlamaForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel"
@@ -472,7 +477,7 @@ def write_tokenizer_files(ckpt: Path, out: Path, context_length: int) -> None:
     if "chat_template" not in config and template_file.is_file():
         config["chat_template"] = template_file.read_text(encoding="utf-8")
     if "chat_template" not in config:
-        config["chat_template"] = CHATML_TEMPLATE
+        config["chat_template"] = CHAT_TEMPLATE
     (out / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                              encoding="utf-8")
 
@@ -624,6 +629,8 @@ def shareable(tmp: Path) -> None:
 
 def describe_export(summary: dict[str, Any]) -> str:
     """The few lines a person wants to read after an export (the CLI and `acornlm demo` print them)."""
+    if summary.get("head") == "score":
+        return describe_reward_export(summary)
     lines = [f"exported {summary['checkpoint']} -> {summary['out']} "
              f"({summary['architecture']}, {summary['dtype']}, {summary['parameters']:,} parameters)"]
     loss = summary["dtype_loss"]
@@ -675,6 +682,8 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", verify:
     if verify and not transformers_available():
         raise ConfigError("--verify needs transformers: pip install 'acornlm[export]' (or pass --verify false)")
 
+    if is_reward_checkpoint(info):  # a reward model (acornlm train reward): a sequence classifier
+        return export_reward_hf(ckpt_dir, out, info, config, architecture, dtype, verify)
     model, _ = load_model(ckpt_dir, device="cpu", dtype=torch.float32)
     special = read_special_tokens(ckpt_dir)
     eos_ids = stop_token_ids(special, info)
@@ -697,5 +706,148 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32", verify:
         if verify:
             summary["verification"] = verify_export(tmp, model, VERIFY_PROMPT, prompt_ids, eos_ids, special.pad)
         (tmp / MODEL_CARD_FILE).write_text(model_card(config, architecture, info, summary), encoding="utf-8")
+        shareable(tmp)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# reward models: a sequence classifier (acornlm train reward)
+# ---------------------------------------------------------------------------------------------
+
+# The sequence-classification class of each causal class: the same decoder, `score` instead of `lm_head`.
+SEQUENCE_CLASSIFIERS = {LLAMA: "LlamaForSequenceClassification", QWEN3: "Qwen3ForSequenceClassification",
+                        GPT2: "GPT2ForSequenceClassification"}
+# A chat turn to score at verification (no <|endoftext|>: that is the padding token transformers skips).
+REWARD_VERIFY_TEXT = (f"{IM_START_TOKEN}user\nWhat is 17 + 25?{IM_END_TOKEN}\n"
+                      f"{IM_START_TOKEN}assistant\n17 + 25 = 42{IM_END_TOKEN}\n")
+
+
+def sequence_classifier(architecture: str) -> str:
+    """LlamaForCausalLM -> LlamaForSequenceClassification (Qwen2-MoE, Qwen3-MoE and Mixtral follow the pattern)."""
+    return SEQUENCE_CLASSIFIERS.get(architecture) or architecture.replace("ForCausalLM", "ForSequenceClassification")
+
+
+def reward_hf_config(config: ModelConfig, architecture: str, special: SpecialTokens, dtype: str,
+                     pad_id: int) -> dict[str, Any]:
+    """config.json of the causal class, turned into its sequence classifier with one output (a reward).
+
+    transformers reads the score at each row's last token that is not `pad_token_id`, so the pad id
+    must be set (it is also what acornlm pads with: <|endoftext|>, which chats never contain).
+    """
+    return {**hf_config(config, architecture, special, dtype), "architectures": [sequence_classifier(architecture)],
+            "num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "pad_token_id": pad_id}
+
+
+@torch.no_grad()
+def verify_reward_export(out: Path, model: Any, prompt_ids: list[int], pad_id: int) -> dict[str, Any]:
+    """Load `out` with AutoModelForSequenceClassification and compare its rewards (the logits at each
+    row's last real token) with `model`'s on a right-padded batch: a whole chat and half of it."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+
+    version = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+    dtype_key = "dtype" if version >= (4, 56) else "torch_dtype"
+    try:
+        with quiet_transformers():
+            hf_model = AutoModelForSequenceClassification.from_pretrained(
+                str(out), **{dtype_key: torch.float32}).eval()
+    except Exception as exc:  # transformers raises many types; all mean "the export does not load"
+        raise VerificationError(f"transformers {transformers.__version__} cannot load the export: {exc}") from exc
+    rows = [prompt_ids, prompt_ids[:max(1, len(prompt_ids) // 2)]]
+    lengths = torch.tensor([len(row) for row in rows])
+    ids = torch.tensor([row + [pad_id] * (len(prompt_ids) - len(row)) for row in rows])
+    mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
+    ours, theirs = model(ids, lengths), hf_model(ids, attention_mask=mask).logits[:, 0]
+    max_diff = (ours - theirs).abs().max().item()
+    if not max_diff <= LOGITS_TOLERANCE:  # also catches NaN
+        raise VerificationError(f"rewards differ from transformers by up to {max_diff:.3g} "
+                                f"(tolerance {LOGITS_TOLERANCE:g}) on {len(rows)} sequences")
+    return {"transformers_version": transformers.__version__, "prompt_tokens": len(prompt_ids),
+            "sequences": len(rows), "rewards_max_abs_diff": max_diff}
+
+
+def reward_model_card(config: ModelConfig, classifier: str, info: dict[str, Any], summary: dict[str, Any]) -> str:
+    """README.md of an exported reward model: what it is, how it was trained, how to score with it."""
+    check = summary.get("verification")
+    verified = (f"At export, transformers {check['transformers_version']} loaded these files and gave rewards "
+                f"within {check['rewards_max_abs_diff']:.2g} of acornlm's on {check['sequences']} sequences."
+                if check else "This export was not verified (transformers was not installed or `--verify false`).")
+    return "\n".join([
+        "---", "library_name: transformers", "pipeline_tag: text-classification",
+        f"tags: [acornlm, reward-model, {MODEL_TYPES.get(summary.get('base_architecture', ''), 'llama')}]", "---", "",
+        "# A small reward model trained with acornlm", "",
+        f"Exported by `acornlm export hf` as a standard `{classifier}` with one output: the reward of a "
+        "conversation, read at its last token (Bradley-Terry: P(a beats b) = sigmoid(r(a) - r(b))).", "",
+        "## Architecture", "", *table(architecture_rows(config, classifier, summary.get("parameters", 0))), "",
+        "## Training", "", *(table(rows) if (rows := reward_training_rows(info)) else
+                             ["No training information was recorded."]), "",
+        "## Use", "", "```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        'model = AutoModelForSequenceClassification.from_pretrained("path/to/this/folder")',
+        'chat = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]',
+        'ids = tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)',
+        'print(model(**ids).logits[0, 0].item())  # higher = better',
+        "```", "", "## Verification", "", verified, "",
+        "This is a small model trained for learning; do not rely on its judgement.", ""])
+
+
+def reward_training_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """The model card's training facts, with the validation loss named as what it is here: the
+    Bradley-Terry loss per pair (not nats per token, so no perplexity)."""
+    rows = training_rows({key: value for key, value in info.items() if key != "val_loss"})
+    val_loss = info.get("val_loss")
+    if isinstance(val_loss, (int, float)) and val_loss == val_loss:
+        rows.append(("validation loss", f"{val_loss:.4f} (Bradley-Terry, -log sigmoid(r_chosen - r_rejected))"))
+    return rows
+
+
+def describe_reward_export(summary: dict[str, Any]) -> str:
+    """`describe_export` for a reward model (its verification compares rewards, not generations)."""
+    lines = [f"exported reward model {summary['checkpoint']} -> {summary['out']} "
+             f"({summary['architecture']}, {summary['dtype']}, {summary['parameters']:,} parameters)"]
+    if summary["dtype"] != "float32":
+        lines.append(f"{summary['dtype']} rounding changes the test rewards by up to "
+                     f"{summary['dtype_loss']['max_logits_diff']:.2g}")
+    check = summary["verification"]
+    if check is None:
+        lines.append("not verified (transformers is not installed, or --verify false)")
+    else:
+        lines.append(f"verified with transformers {check['transformers_version']}: rewards max |diff| "
+                     f"{check['rewards_max_abs_diff']:.2g} (<= {LOGITS_TOLERANCE:g}) on {check['sequences']} "
+                     f"sequences of up to {check['prompt_tokens']} tokens")
+    return "\n".join(lines)
+
+
+def export_reward_hf(ckpt_dir: Path, out: Path, info: dict[str, Any], config: ModelConfig, architecture: str,
+                     dtype: str, verify: bool) -> dict[str, Any]:
+    """`export_hf` for a reward checkpoint: the backbone's weights renamed as for `architecture`,
+    plus `score.weight`, under its sequence-classification class with num_labels 1."""
+    model = load_reward_model(ckpt_dir, device="cpu").float()
+    special = read_special_tokens(ckpt_dir)
+    pad_id = special.pad if special.pad is not None else load_backend_tokenizer(ckpt_dir).token_to_id(EOT_TOKEN)
+    if pad_id is None:
+        raise CheckpointError(f"{ckpt_dir / TOKENIZER_FILE} has no pad or {EOT_TOKEN} token; a sequence "
+                              "classifier needs pad_token_id to find each row's last token")
+    prompt_ids = prompt_token_ids(ckpt_dir, REWARD_VERIFY_TEXT, config.max_position_embeddings)
+    state, loss = cast_model_weights(model, DTYPES[dtype], prompt_ids)
+    warn_if_lossy(loss, dtype)
+    score = state.pop("score.weight")
+    weights = {**weights_to_hf(state, config, architecture), "score.weight": score}
+    classifier = sequence_classifier(architecture)
+    summary: dict[str, Any] = {
+        "out": str(out), "checkpoint": str(ckpt_dir), "architecture": classifier,
+        "base_architecture": architecture, "head": "score", "dtype": dtype, "parameters": model.num_params(),
+        "pad_token_id": pad_id,
+        "dtype_loss": {"max_weight_error": loss.max_weight_error, "max_logits_diff": loss.max_logits_diff,
+                       "overflowed": loss.overflowed},
+        "verification": None,
+    }
+    with atomic_path(out, directory=True) as tmp:
+        write_json(tmp / CONFIG_FILE, reward_hf_config(config, architecture, special, dtype, pad_id))
+        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_tokenizer_files(ckpt_dir, tmp, config.max_position_embeddings)
+        if verify:
+            summary["verification"] = verify_reward_export(tmp, model, prompt_ids, pad_id)
+        (tmp / MODEL_CARD_FILE).write_text(reward_model_card(config, classifier, info, summary), encoding="utf-8")
         shareable(tmp)
     return summary

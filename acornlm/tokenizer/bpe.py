@@ -16,19 +16,26 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from acornlm.errors import ConfigError, DataError
-from acornlm.tokenizer.special_tokens import SPECIAL_TOKENS
+from acornlm.tokenizer.special_tokens import CHAT_TOKENS, SPECIAL_TOKENS
 
 NUM_BYTES = 256
-MIN_BPE_VOCAB_SIZE = NUM_BYTES + len(SPECIAL_TOKENS)  # all bytes + specials, before any merge
+# all bytes + specials + the chat tokens, before any merge
+MIN_BPE_VOCAB_SIZE = NUM_BYTES + len(SPECIAL_TOKENS) + len(CHAT_TOKENS)
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> BackendTokenizer:
-    """Learn `vocab_size - 259` merges from `texts`; the result always holds all 256 bytes and the specials."""
+def check_bpe_vocab_size(vocab_size: int) -> None:
+    """Reject a vocabulary with no room for the bytes, the special tokens and the chat tokens."""
     if vocab_size < MIN_BPE_VOCAB_SIZE:
         raise ConfigError(
             f"vocab size {vocab_size} is too small for byte-level BPE: the minimum is {MIN_BPE_VOCAB_SIZE} "
-            f"({NUM_BYTES} bytes + {len(SPECIAL_TOKENS)} special tokens); use --vocab-size {MIN_BPE_VOCAB_SIZE} or more"
+            f"({NUM_BYTES} bytes + {len(SPECIAL_TOKENS)} special tokens + {len(CHAT_TOKENS)} chat tokens); "
+            f"use --vocab-size {MIN_BPE_VOCAB_SIZE} or more"
         )
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> BackendTokenizer:
+    """Learn `vocab_size - 259` merges from `texts`; the result always holds all 256 bytes and the specials
+    (the caller adds the chat tokens after: see tokenizer.train_tokenizer)."""
     backend = BackendTokenizer(models.BPE())
     # use_regex=True splits text GPT-2 style (words, numbers, punctuation, spaces) so merges never cross words.
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -43,13 +50,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool = False
     return backend
 
 
-def check_reached_vocab_size(backend: BackendTokenizer, vocab_size: int) -> None:
-    """The trainer stops early when no pair is left to merge; a smaller vocab than asked for is an error."""
+def check_reached_vocab_size(backend: BackendTokenizer, learned: int, vocab_size: int) -> None:
+    """The trainer stops early when no pair is left to merge; a smaller vocab than asked for is an error.
+    `learned` is what BPE was asked for, `vocab_size` the user's figure (learned + the chat tokens)."""
     reached = backend.get_vocab_size(with_added_tokens=True)
-    if reached < vocab_size:
+    if reached < learned:
+        supported = reached + vocab_size - learned
         raise DataError(
-            f"the training text only supports a BPE vocabulary of {reached} tokens, not {vocab_size}: "
-            f"no adjacent pair is left to merge. Use --vocab-size {reached} (or less), or train on more text"
+            f"the training text only supports a BPE vocabulary of {supported} tokens, not {vocab_size}: "
+            f"no adjacent pair is left to merge. Use --vocab-size {supported} (or less), or train on more text"
         )
 
 

@@ -24,10 +24,11 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from acornlm.errors import ConfigError
-from acornlm.tokenizer.special_tokens import SPECIAL_TOKENS, UNK_TOKEN
+from acornlm.tokenizer.special_tokens import CHAT_TOKENS, SPECIAL_TOKENS, UNK_TOKEN
 
 CHAR_RESERVED_TOKENS = (*SPECIAL_TOKENS, UNK_TOKEN)
-MIN_CHAR_VOCAB_SIZE = len(CHAR_RESERVED_TOKENS) + 1  # the reserved tokens and at least one character
+# the reserved tokens, the chat tokens (added after the characters) and at least one character
+MIN_CHAR_VOCAB_SIZE = len(CHAR_RESERVED_TOKENS) + len(CHAT_TOKENS) + 1
 
 
 def count_characters(texts: Iterable[str]) -> Counter[str]:
@@ -43,14 +44,14 @@ def check_char_vocab_size(vocab_size: int) -> None:
     if vocab_size < MIN_CHAR_VOCAB_SIZE:
         raise ConfigError(
             f"vocab size {vocab_size} is too small for a char tokenizer: the minimum is {MIN_CHAR_VOCAB_SIZE} "
-            f"({len(CHAR_RESERVED_TOKENS)} reserved tokens + 1 character)"
+            f"({len(CHAR_RESERVED_TOKENS)} reserved tokens + {len(CHAT_TOKENS)} chat tokens + 1 character)"
         )
 
 
 def choose_characters(counts: Counter[str], vocab_size: int) -> list[str]:
     """The characters that get their own id: the most frequent that fit in `vocab_size`, sorted."""
     check_char_vocab_size(vocab_size)
-    room = vocab_size - len(CHAR_RESERVED_TOKENS)
+    room = vocab_size - len(CHAR_RESERVED_TOKENS) - len(CHAT_TOKENS)
     if len(counts) <= room:
         return sorted(counts)
     by_frequency = sorted(counts, key=lambda char: (-counts[char], char))  # ties broken by the char: deterministic

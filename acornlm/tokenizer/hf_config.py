@@ -1,7 +1,8 @@
 """tokenizer_config.json: the companion file that lets `transformers.AutoTokenizer` load our tokenizer.
 
 tokenizer.json holds the whole tokenizer; this file only tells transformers which class to use,
-which tokens play the bos/eos/pad/unk roles, and how to render a chat (ChatML, as Qwen does).
+which tokens play the bos/eos/pad/unk roles, and how to render a chat (ChatML with tools and
+thinking, as Qwen3 does: acornlm.tokenizer.chat_template).
 """
 
 from __future__ import annotations
@@ -11,30 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from acornlm.errors import CheckpointError
-from acornlm.tokenizer.special_tokens import EOT_TOKEN, SPECIAL_TOKENS, UNK_TOKEN
+from acornlm.tokenizer.chat_template import CHAT_TEMPLATE
+from acornlm.tokenizer.special_tokens import CHAT_TOKENS, EOT_TOKEN, SPECIAL_TOKENS, UNK_TOKEN
 
 # transformers' own "no limit known" value (VERY_LARGE_INTEGER). The tokenizer does not know the
 # context length of the model it will serve; pass model_max_length to `Tokenizer.save` when you do.
 UNLIMITED_MODEL_MAX_LENGTH = int(1e30)
 
-# ChatML: "<|im_start|>{role}\n{content}<|im_end|>\n" per message, then "<|im_start|>assistant\n"
-# when the caller asks for a generation prompt.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
-def render_chatml(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    """The text CHATML_TEMPLATE renders, in plain Python (for code that does not load transformers)."""
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-
-
-def tokenizer_config(kind: str, reserved_tokens: list[str], model_max_length: int | None = None) -> dict[str, Any]:
-    """The tokenizer_config.json contents; `reserved_tokens[i]` is the special token with id i."""
+def tokenizer_config(kind: str, added_tokens: dict[int, str], model_max_length: int | None = None) -> dict[str, Any]:
+    """The tokenizer_config.json contents; `added_tokens` maps id -> content of every added token
+    (the reserved special tokens at the lowest ids, the chat tokens at the end)."""
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "acornlm_kind": kind,
@@ -43,7 +30,7 @@ def tokenizer_config(kind: str, reserved_tokens: list[str], model_max_length: in
         "bos_token": EOT_TOKEN,
         "eos_token": EOT_TOKEN,
         "pad_token": EOT_TOKEN,
-        "unk_token": UNK_TOKEN if UNK_TOKEN in reserved_tokens else None,  # byte-level BPE has no unknowns
+        "unk_token": UNK_TOKEN if UNK_TOKEN in added_tokens.values() else None,  # byte-level BPE has no unknowns
         "add_bos_token": False,
         "add_eos_token": False,
         "additional_special_tokens": [token for token in SPECIAL_TOKENS if token != EOT_TOKEN],
@@ -54,13 +41,13 @@ def tokenizer_config(kind: str, reserved_tokens: list[str], model_max_length: in
                 "normalized": False,
                 "rstrip": False,
                 "single_word": False,
-                "special": True,
+                "special": token not in CHAT_TOKENS,  # decoding keeps <think>, <tool_call>, ...
             }
-            for token_id, token in enumerate(reserved_tokens)
+            for token_id, token in sorted(added_tokens.items())
         },
         "model_max_length": model_max_length or UNLIMITED_MODEL_MAX_LENGTH,
         "clean_up_tokenization_spaces": False,
-        "chat_template": CHATML_TEMPLATE,
+        "chat_template": CHAT_TEMPLATE,
     }
 
 

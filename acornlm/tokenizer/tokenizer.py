@@ -15,12 +15,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from tokenizers import AddedToken, models
 from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import models
 from tqdm import tqdm
 
 from acornlm.errors import ConfigError, DataError
-from acornlm.tokenizer.bpe import bpe_token_bytes, check_reached_vocab_size, train_bpe
+from acornlm.tokenizer.bpe import bpe_token_bytes, check_bpe_vocab_size, check_reached_vocab_size, train_bpe
 from acornlm.tokenizer.char import (
     build_char_tokenizer,
     check_char_vocab_size,
@@ -28,7 +28,7 @@ from acornlm.tokenizer.char import (
     count_characters,
 )
 from acornlm.tokenizer.hf_config import tokenizer_config
-from acornlm.tokenizer.special_tokens import EOT_TOKEN, SPECIAL_TOKENS
+from acornlm.tokenizer.special_tokens import CHAT_TOKENS, EOT_TOKEN, SPECIAL_TOKENS
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -79,6 +79,12 @@ class Tokenizer:
             raise ValueError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
         return self._token_bytes_table[token_id]
 
+    @property
+    def missing_chat_tokens(self) -> list[str]:
+        """The chat tokens (<think>, <tool_call>, ...) this tokenizer lacks; [] for tokenizers trained
+        by acornlm since they existed. `add_chat_tokens` adds them."""
+        return [token for token in CHAT_TOKENS if self.token_to_id(token) is None]
+
     def token_to_id(self, token: str) -> int | None:
         """The id of a token string (e.g. "<|im_end|>"), or None when it is not in the vocabulary."""
         return self.backend.token_to_id(token)
@@ -110,8 +116,8 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_backend(self.backend, directory / TOKENIZER_FILE)
-        reserved = [token.content for _, token in sorted(self.backend.get_added_tokens_decoder().items())]
-        config = tokenizer_config(self.kind, reserved, model_max_length)
+        added = {token_id: token.content for token_id, token in self.backend.get_added_tokens_decoder().items()}
+        config = tokenizer_config(self.kind, added, model_max_length)
         (directory / TOKENIZER_CONFIG_FILE).write_text(
             json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
@@ -177,17 +183,39 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int, *, show_pr
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
         raise ConfigError(f"vocab size must be an integer, got {vocab_size!r}")
     counted = _CountedTexts(texts)
+    learned = vocab_size - len(CHAT_TOKENS)  # the chat tokens take the last ids
     if kind == "bpe":
-        backend = train_bpe(counted, vocab_size, show_progress=show_progress)
+        check_bpe_vocab_size(vocab_size)
+        backend = train_bpe(counted, learned, show_progress=show_progress)
         _check_not_empty(counted)
-        check_reached_vocab_size(backend, vocab_size)
+        check_reached_vocab_size(backend, learned, vocab_size)
     else:
         check_char_vocab_size(vocab_size)  # before reading the corpus
         documents = tqdm(counted, desc="counting characters", unit="doc", disable=not show_progress)
         counts = count_characters(documents)
         _check_not_empty(counted)
         backend = build_char_tokenizer(choose_characters(counts, vocab_size))
+    add_chat_tokens_to(backend)
     return Tokenizer(backend, kind)
+
+
+def add_chat_tokens_to(backend: BackendTokenizer) -> list[str]:
+    """Append the chat tokens a tokenizer lacks at the end of its vocabulary (ids it has stay put);
+    returns the tokens added. Matched whole in any text, kept by decoding (see special_tokens)."""
+    missing = [token for token in CHAT_TOKENS if backend.token_to_id(token) is None]
+    backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in missing])
+    return missing
+
+
+def add_chat_tokens(tokenizer: Tokenizer) -> tuple[Tokenizer, list[str]]:
+    """A copy of `tokenizer` with the chat tokens it lacks appended; (copy, tokens added).
+
+    The model that uses it needs as many embedding rows: `acornlm tokenizer add-chat-tokens` grows
+    a checkpoint's embeddings too (acornlm.model.checkpoint.resize_vocabulary).
+    """
+    backend = BackendTokenizer.from_str(tokenizer.backend.to_str())
+    added = add_chat_tokens_to(backend)
+    return Tokenizer(backend, tokenizer.kind), added
 
 
 def _check_not_empty(counted: _CountedTexts) -> None:

@@ -3,16 +3,17 @@
 Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath) needs no value network:
 
     1. for each prompt, sample a group of G completions from the current model;
-    2. score each with reward functions (plain Python: "is the answer right?");
+    2. score each with reward functions (plain Python: "is the answer right?") and/or a reward
+       model (--reward_model, trained by `acornlm train reward`);
     3. advantage of completion i = (r_i - mean(r)) / (std(r) + eps) within its group, so the
        model learns which of *its own* answers were better than its average;
     4. maximise the PPO-style clipped objective min(rho A, clip(rho, 1-e, 1+e) A) per token,
        rho = pi(token) / pi_old(token), optionally minus beta * KL(pi || pi_ref).
 
-The stage reuses the one Trainer. Sampling is online: `GRPOBatches` holds a handle to the model
-being trained and generates inside `batch(step, micro_step)` with acornlm's inference path,
-seeded from (seed, step, micro_step, rank), so the samples, and therefore a resumed run, are
-a pure function of the step and the weights. Each group is used for one optimizer step (the
+The stage reuses the one Trainer. Sampling is online (acornlm/train/rollouts.py, shared with PPO):
+`GRPOBatches` holds a handle to the model being trained and generates inside
+`batch(step, micro_step)` with acornlm's inference path, seeded from (seed, step, micro_step, rank),
+so the samples, and therefore a resumed run, are a pure function of the step and the weights. Each group is used for one optimizer step (the
 usual setting, "mu = 1"), so pi_old is the policy itself: rho = 1 with the gradient of
 log pi, and the clip only bites if the same samples were reused for several updates.
 """
@@ -25,18 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from acornlm.data.chat import IM_END_ID, render_prompt
-from acornlm.data.conversations import (
-    split_conversations,
-)
-from acornlm.data.preferences import collate_sequences
-from acornlm.data.prompts import load_prompt_records, task_prompt_records
 from acornlm.errors import ConfigError
-from acornlm.infer.generate import generate_batch
 from acornlm.infer.sampling import SamplingParams
 from acornlm.model import Transformer
 from acornlm.model.lora import LoraConfig, base_model_view
@@ -44,13 +37,19 @@ from acornlm.paths import as_path_list
 from acornlm.tokenizer import Tokenizer
 from acornlm.train import distributed
 from acornlm.train.config import TrainConfig
-from acornlm.train.distributed import DistributedContext, log
 from acornlm.train.losses import kl_k3, token_logprobs
+from acornlm.train.reward_model import RewardModel
 from acornlm.train.rewards import RewardRunner, load_reward_functions
+from acornlm.train.rollouts import (
+    Rollouts,
+    load_checked_reward_model,
+    reference_logprobs,
+    reward_spec,
+    rl_prompts,
+)
 from acornlm.train.stage import (
     MeanMetrics,
     build_policy,
-    example_indices,
     final_metrics,
     load_reference,
     resolve_start,
@@ -114,117 +113,32 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
 
 # --- sampling groups and the loss ---
 
-def sample_seed(seed: int, *position: int) -> int:
-    """A sampling seed that is a pure function of the run's seed and the position in training."""
-    return int(np.random.SeedSequence([seed, *position]).generate_state(1)[0])
-
-
-def sample_completions(model: Transformer, prompt_ids: Sequence[int], params: SamplingParams,
-                       vocab_size: int, stop_ids: Sequence[int]) -> list[list[int]]:
-    """`params.num_samples` completions of one prompt via acornlm's batched generation.
-
-    A completion that stopped on its own ends with <|im_end|>, so training also teaches when to
-    stop; one cut at max_new_tokens ends without it.
-    """
-    completions: list[list[int]] = [[] for _ in range(params.num_samples)]
-    stopped = [False] * params.num_samples
-    for step_tokens in generate_batch(model, prompt_ids, params, eos_ids=stop_ids, vocab_size=vocab_size):
-        for row, token in enumerate(step_tokens):
-            if token is None:
-                stopped[row] = True
-            elif not stopped[row]:
-                completions[row].append(token)
-    return [ids + [IM_END_ID] if done else ids for ids, done in zip(completions, stopped)]
-
-
-class GRPOBatches:
+class GRPOBatches(Rollouts):
     """The Trainer's batch source for GRPO: samples groups with the current policy, then scores them.
 
     `batch(step, micro_step)` picks `batch_size` prompts (a pure function of the step), samples
     `group_size` completions of each from `model` (the very object the Trainer trains) with a
     seed derived from (seed, step, micro_step, rank, slot), rewards them and returns input_ids /
     targets / mask [prompts x G, longest - 1] with the group-normalised advantages.
-    `eval_batch(i)` answers held-out prompts greedily and returns only their rewards.
+    `eval_batch(i)` answers held-out prompts greedily and returns their rewards.
+    The sampling and scoring are shared with PPO (acornlm/train/rollouts.py).
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, train: Sequence[dict[str, Any]],
-                 val: Sequence[dict[str, Any]], rewards: RewardRunner, *, group_size: int, batch_size: int,
+                 val: Sequence[dict[str, Any]], rewards: RewardRunner | None, *, group_size: int, batch_size: int,
                  max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 seq_len: int | None = None, rank: int = 0, world_size: int = 1, grad_accum_steps: int = 1) -> None:
-        self.model, self.tokenizer, self.rewards = model, tokenizer, rewards
-        self.seq_len = seq_len or model.config.max_position_embeddings
-        self.group_size, self.batch_size, self.seed = group_size, batch_size, seed
-        self.rank, self.world_size, self.grad_accum_steps = rank, world_size, grad_accum_steps
-        self.sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
-                         "top_p": top_p}
-        SamplingParams(**self.sampling)  # validate now, not at the first step
-        self.stop_ids = (IM_END_ID, tokenizer.eot_id)
-        self.train, self.train_ids = self._fitting(train, "training")
-        self.val, self.val_ids = self._fitting(val, "validation")
-        mean_prompt = sum(map(len, self.train_ids)) / len(self.train_ids)
-        self.tokens_per_step = round((mean_prompt + max_new_tokens) * group_size * batch_size
-                                     * grad_accum_steps * world_size)
-
-    def _fitting(self, records: Sequence[dict[str, Any]], split: str) -> tuple[list[dict[str, Any]], list[list[int]]]:
-        """The records whose prompt leaves room for max_new_tokens within train.seq_len, and their ids.
-
-        A row is prompt + completion minus its last token, so prompt + max_new_tokens <= seq_len + 1.
-        """
-        budget = self.seq_len + 1 - self.sampling["max_new_tokens"]
-        kept, ids = [], []
-        for record in records:
-            prompt_ids = render_prompt(self.tokenizer, record["messages"])
-            if len(prompt_ids) <= budget:
-                kept.append(record)
-                ids.append(prompt_ids)
-        if not kept:
-            raise ConfigError(f"no {split} prompt fits train.seq_len={self.seq_len} with --max_new_tokens "
-                              f"{self.sampling['max_new_tokens']}; raise train.seq_len or lower --max_new_tokens")
-        if len(kept) < len(records):
-            log(f"grpo: dropped {len(records) - len(kept)} of {len(records)} {split} prompts longer than {budget} "
-                "tokens (train.seq_len + 1 - max_new_tokens)", DistributedContext(self.rank, self.world_size))
-        return kept, ids
-
-    def _generate(self, prompt_ids: list[int], params: SamplingParams) -> list[list[int]]:
-        was_training = self.model.training
-        self.model.eval()  # no dropout while sampling
-        try:
-            return sample_completions(self.model, prompt_ids, params, self.tokenizer.vocab_size, self.stop_ids)
-        finally:
-            self.model.train(was_training)
+                 seq_len: int | None = None, rank: int = 0, world_size: int = 1, grad_accum_steps: int = 1,
+                 reward_model: RewardModel | None = None) -> None:
+        super().__init__(model, tokenizer, train, val, rewards, num_samples=group_size, batch_size=batch_size,
+                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         seed=seed, seq_len=seq_len, rank=rank, world_size=world_size,
+                         grad_accum_steps=grad_accum_steps, reward_model=reward_model, stage="grpo")
+        self.group_size = group_size
 
     def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
-        indices = example_indices(len(self.train), self.seed, step, micro_step, self.batch_size, self.rank,
-                                  self.world_size, self.grad_accum_steps)
-        errors_before = self.rewards.errors
-        sequences, masks, rewards, lengths = [], [], [], []
-        for slot, index in enumerate(indices):
-            prompt_ids, record = self.train_ids[index], self.train[index]
-            params = SamplingParams(**self.sampling, num_samples=self.group_size,
-                                    seed=sample_seed(self.seed, step, micro_step, self.rank, slot))
-            for completion in self._generate(prompt_ids, params):
-                text = self.tokenizer.decode([t for t in completion if t != IM_END_ID])
-                rewards.append(self.rewards.score(text, record))
-                sequences.append(prompt_ids + completion)
-                masks.append([0] * len(prompt_ids) + [1] * len(completion))
-                lengths.append(len(completion))
-        batch = collate_sequences(sequences, masks, self.tokenizer.eot_id)
-        reward_tensor = torch.tensor(rewards, dtype=torch.float32)
-        batch["advantages"] = group_advantages(reward_tensor, self.group_size)
-        batch["rewards"] = reward_tensor
-        batch["reward_errors"] = torch.tensor(float(self.rewards.errors - errors_before))
-        batch["completion_lengths"] = torch.tensor(lengths, dtype=torch.float32)
+        batch = self.rollout(step, micro_step)
+        batch["advantages"] = group_advantages(batch["rewards"], self.group_size)
         return batch
-
-    def eval_batch(self, index: int) -> dict[str, torch.Tensor]:
-        params = SamplingParams(**{**self.sampling, "temperature": 0.0})
-        rewards = []
-        for i in range(self.batch_size):
-            position = (index * self.batch_size + i) % len(self.val)
-            (completion,) = self._generate(self.val_ids[position], params)
-            text = self.tokenizer.decode([t for t in completion if t != IM_END_ID])
-            rewards.append(self.rewards.score(text, self.val[position]))
-        return {"eval_rewards": torch.tensor(rewards, dtype=torch.float32)}
 
 
 class GRPOLoss:
@@ -247,11 +161,7 @@ class GRPOLoss:
         """log pi_ref of every target token, from the frozen reference (moved to the batch's device once)."""
         if self.reference is None:
             raise ConfigError("a KL term (--kl_beta > 0) needs the reference model")
-        device = batch["input_ids"].device
-        if self.reference.lm_head.weight.device != device:
-            self.reference.to(device)
-        with torch.no_grad():
-            return token_logprobs(self.reference(batch["input_ids"]), batch["targets"])
+        return reference_logprobs(self.reference, batch)
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "eval_rewards" in batch:
@@ -278,24 +188,6 @@ class GRPOLoss:
 
 # --- the stage ---
 
-def grpo_prompts(data: str | Path | Sequence[str | Path] | None, tasks: str | None, num_prompts: int,
-                 val_data: str | Path | Sequence[str | Path] | None, val_fraction: float,
-                 seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
-    """(train prompts, validation prompts, a line describing them) from files or synthetic tasks."""
-    if data is not None:
-        records = load_prompt_records(as_path_list(data))
-        if val_data is not None:
-            return records, load_prompt_records(as_path_list(val_data)), f"{len(records):,} prompts from {data}"
-        train, val = split_conversations(records, val_fraction, seed)  # any sequence splits the same way
-        return train, val or train, f"{len(train):,} prompts from {data} (+{len(val):,} held out)"
-    if tasks is None:
-        raise ConfigError("--data is required (prompts as .jsonl: {\"prompt\": ..., \"answer\": ...}), or --tasks "
-                          "for synthetic prompts rewarded by their checkers")
-    train = task_prompt_records(tasks, num_prompts, seed, "train")
-    val = task_prompt_records(tasks, max(num_prompts // 10, 16), seed, "heldout")
-    return train, val, f"{len(train):,} synthetic prompts from tasks {tasks} (+{len(val):,} held out)"
-
-
 @dataclass
 class GRPOConfig:
     """GRPO's own settings (`--grpo.group_size 16`; the stage's defaults: acornlm/train/defaults/grpo.yaml).
@@ -303,6 +195,7 @@ class GRPOConfig:
     Args:
         reward: Comma-separated reward functions, summed: "task" (the checkers of the synthetic tasks:
             needs "task" and "answer" in each record), "module:function" or "path/to/file.py:function".
+            Unset: "task", or none when a reward model (--reward_model) scores the completions.
         group_size: Completions sampled per prompt (G); advantages compare them within the group.
         max_new_tokens: Longest completion sampled.
         temperature: Sampling temperature of the completions (exploration), in (0, 2].
@@ -313,7 +206,7 @@ class GRPOConfig:
             reference model in memory.
     """
 
-    reward: str = "task"
+    reward: str | None = None
     group_size: int = 8
     max_new_tokens: int = 32
     temperature: float = 1.0
@@ -339,27 +232,33 @@ class GRPOConfig:
 def run_grpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | None, out: str | Path,
              train_config: TrainConfig, lora: LoraConfig | None = None, *, grpo: GRPOConfig | None = None,
              tasks: str | None = None, num_prompts: int = 1000, val_data: str | Path | Sequence[str | Path] | None = None,
-             val_fraction: float = 0.05, resume: bool = False) -> dict[str, Any]:
+             val_fraction: float = 0.05, resume: bool = False,
+             reward_model: str | Path | None = None) -> dict[str, Any]:
     """Improve the checkpoint `init` by GRPO on the rewards of its own sampled completions.
 
+    A completion's reward is the sum of the reward functions (grpo.reward) and, with `reward_model`
+    (a directory of `acornlm train reward`), the reward model's score of prompt + completion.
     Returns the Trainer's summary plus "val_reward" (mean reward of greedy answers to held-out
     prompts at the last evaluation) and the reward functions' error counts.
     """
     grpo = grpo or GRPOConfig()
-    functions, names = load_reward_functions(grpo.reward)
+    grpo = dataclasses.replace(grpo, reward=reward_spec(grpo.reward, reward_model))  # what runs, as recorded
+    functions, names = load_reward_functions(grpo.reward) if grpo.reward is not None else ([], [])
     start = resolve_start(init, out, resume, lora, train_config)
-    train_records, val_records, description = grpo_prompts(data, tasks, num_prompts, val_data, val_fraction,
-                                                           train_config.seed)
+    train_records, val_records, description = rl_prompts(data, tasks, num_prompts, val_data, val_fraction,
+                                                         train_config.seed)
+    runner = RewardRunner(functions, names) if functions else None
     context, device = distributed.setup(train_config.device)
     try:
-        distributed.log(f"grpo data: {description}; rewards: {', '.join(names)}", context)
+        scorer = load_checked_reward_model(reward_model, start.tokenizer, device) if reward_model else None
+        reward_names = names + ([f"reward model {reward_model}"] if reward_model else [])
+        distributed.log(f"grpo data: {description}; rewards: {', '.join(reward_names)}", context)
         model = build_policy(start, train_config, context, "grpo")
-        runner = RewardRunner(functions, names)
         batches = GRPOBatches(model, start.tokenizer, train_records, val_records, runner, group_size=grpo.group_size,
                               batch_size=train_config.batch_size, max_new_tokens=grpo.max_new_tokens,
                               temperature=grpo.temperature, top_k=grpo.top_k, top_p=grpo.top_p, seed=train_config.seed,
                               seq_len=train_config.seq_len, rank=context.rank, world_size=context.world_size,
-                              grad_accum_steps=train_config.grad_accum_steps)
+                              grad_accum_steps=train_config.grad_accum_steps, reward_model=scorer)
         reference = load_reference(start) if grpo.kl_beta > 0 and not start.lora.enabled else None
         loss = GRPOLoss(grpo.clip_eps, grpo.kl_beta, reference)
         trainer = Trainer(
@@ -367,7 +266,7 @@ def run_grpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | 
             tokenizer_dir=start.source, resume_from=start.checkpoint, write_model=start.write_model,
             checkpoint_info=start.checkpoint_info(
                 "grpo", data=[str(p) for p in as_path_list(data)] if data is not None else f"tasks:{tasks}",
-                grpo=dataclasses.asdict(grpo)),
+                grpo=dataclasses.asdict(grpo), reward_model=str(reward_model) if reward_model else None),
         )
         if grpo.kl_beta > 0 and start.lora.enabled:
             # LoRA leaves the base weights untouched: they are the reference, shared, not copied
@@ -376,5 +275,5 @@ def run_grpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | 
     finally:
         distributed.teardown()
     summary.update(final_metrics(start.out_dir, ("val_reward",)))
-    summary["reward_errors"] = dict(runner.errors_by_function)
+    summary["reward_errors"] = dict(runner.errors_by_function) if runner is not None else {}
     return summary

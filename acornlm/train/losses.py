@@ -7,8 +7,10 @@
     sequence_logprobs      log pi(answer | prompt): the sum (or mean) of an answer's token log-probs (DPO)
     distillation_kl        T^2 KL(softmax(teacher / T) || softmax(student / T)) (distillation)
     kl_k3                  Schulman's k3 estimate of KL(pi || pi_ref) per token (GRPO)
+    bradley_terry_loss     L = -1/N sum log sigmoid(r_chosen - r_rejected) (reward models)
 
-A stage's own objective (dpo.dpo_loss, grpo.grpo_loss, distill.distillation_loss) combines these.
+A stage's own objective (dpo.dpo_loss, grpo.grpo_loss, distill.distillation_loss, reward.RewardLoss)
+combines these.
 """
 
 from __future__ import annotations
@@ -96,3 +98,21 @@ def kl_k3(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Ten
     """
     delta = reference_logprobs - logprobs
     return torch.exp(delta) - delta - 1
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                       margin: torch.Tensor | float | None = None) -> torch.Tensor:
+    """The pairwise loss of a reward model (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1):
+
+        P(chosen beats rejected) = sigmoid(r_c - r_r),    L = -1/N sum log sigmoid(r_c - r_r - m)
+
+    the negative log-likelihood of the observed preferences, so only the difference of two rewards
+    is learned (adding a constant to every reward changes nothing). `margin` m [N] (optional, the
+    margin loss of Llama 2, Touvron et al. 2023) demands a wider gap for pairs rated far apart.
+    F.logsigmoid stays finite for any gap, where log(sigmoid(x)) underflows to -inf below x ~ -100.
+    Rewards [N] are upcast to float32.
+    """
+    difference = chosen_rewards.float() - rejected_rewards.float()
+    if margin is not None:
+        difference = difference - margin
+    return -F.logsigmoid(difference).mean()

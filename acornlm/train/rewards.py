@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from acornlm.data.agent_tasks import AGENT_TASKS, agent_task_reward
 from acornlm.data.tasks import TASKS
 from acornlm.errors import ConfigError
 
@@ -77,9 +78,11 @@ class RewardRunner:
 def task_reward(completion: str, example: dict[str, Any]) -> float:
     """The verifiable reward of acornlm.data.tasks: 1 when the task's checker accepts the answer, else 0."""
     task, answer = example.get("task"), example.get("answer")
+    if task in AGENT_TASKS and isinstance(answer, str):  # the tool and thinking tasks: the final answer's number
+        return agent_task_reward(completion, example)
     if task not in TASKS or not isinstance(answer, str):
-        raise ValueError(f"the `task` reward needs a known `task` ({', '.join(TASKS)}) and an `answer` string "
-                         f"in each prompt record; got task={task!r}, answer={answer!r}")
+        raise ValueError(f"the `task` reward needs a known `task` ({', '.join([*TASKS, *AGENT_TASKS])}) and an "
+                         f"`answer` string in each prompt record; got task={task!r}, answer={answer!r}")
     return float(TASKS[task].check(completion, answer))
 
 
