@@ -91,7 +91,7 @@ def dpo(data: str | None = None, init: str | None = None, out: str | None = None
 def grpo(data: str | None = None, init: str | None = None, out: str | None = None,
          train: TrainConfig = DEFAULT_GRPO_TRAIN, lora: LoraConfig = DEFAULT_LORA, grpo: GRPOConfig = DEFAULT_GRPO,
          tasks: str | None = None, num_prompts: int = 1000, val_data: str | None = None, val_fraction: float = 0.05,
-         reward_model: str | None = None, resume: bool = False) -> None:
+         reward_model: str | None = None, tools: str | None = None, resume: bool = False) -> None:
     """Group Relative Policy Optimization on rewards a program can check (DeepSeekMath).
 
     Each step samples --grpo.group_size completions per prompt from the model being trained, scores
@@ -99,7 +99,9 @@ def grpo(data: str | None = None, init: str | None = None, out: str | None = Non
     Rewards are plain Python functions `score(completion: str, record: dict) -> float`; one that
     raises scores 0 (counted, reported once). With --reward_model, a reward model's score of prompt +
     completion is added (or is the only reward when grpo.reward is not set). Offline demo:
-    `--tasks arithmetic` after SFT.
+    `--tasks arithmetic` after SFT. Agentic RL: prompts that carry "tools" are played out over
+    several turns, the model calling tools that acornlm runs (--tools FILE.py, and the built-in
+    `price` task's tool), the final answer rewarded.
     Validation: mean reward of greedy answers to held-out prompts (val_reward; val_loss is minus it).
 
     Args:
@@ -111,20 +113,22 @@ def grpo(data: str | None = None, init: str | None = None, out: str | None = Non
         grpo: GRPO's own settings: grpo.reward (comma-separated reward functions, summed: "task",
             "module:function" or "path/to/file.py:function"; unset: "task", or none with --reward_model),
             grpo.group_size, grpo.max_new_tokens, grpo.temperature, grpo.top_k, grpo.top_p, grpo.clip_eps,
-            grpo.kl_beta.
-        tasks: Without --data: synthetic prompts from these tasks (comma-separated: arithmetic, reverse, count, sort).
+            grpo.kl_beta, grpo.max_turns and grpo.tool_timeout (agentic rollouts).
+        tasks: Without --data: synthetic prompts from these tasks (comma-separated: arithmetic, reverse, count, sort; price (a tool call) and add (thinking)).
         num_prompts: Synthetic prompts per task (with --tasks).
         val_data: Held-out prompts for validation; default: a val_fraction of --data (or held-out task questions).
         val_fraction: Share of --data held out when --val_data is not given.
         reward_model: A reward model (run directory of `acornlm train reward`) whose score of prompt + completion is added to the reward; it must share the policy's tokenizer.
+        tools: A Python file whose functions are the tools of the prompts' "tools" lists (agentic RL); a function with a keyword parameter `example` receives the prompt record. The `price` task's tool is built in.
         resume: Continue the run in OUT from checkpoints/latest.
     """
     from acornlm.train.grpo import run_grpo
 
     _require_out(out)
     summary = run_grpo(data, init, out, train, lora, grpo=grpo, tasks=tasks, num_prompts=num_prompts,
-                       val_data=val_data, val_fraction=val_fraction, resume=resume, reward_model=reward_model)
-    _print_summary(summary, {"val_reward": "held-out mean reward"})
+                       val_data=val_data, val_fraction=val_fraction, resume=resume, reward_model=reward_model,
+                       tools=tools)
+    _print_summary(summary, {"val_reward": "held-out mean reward", "val_task_accuracy": "held-out task accuracy"})
     _print_reward_errors(summary)
 
 
@@ -132,7 +136,7 @@ def ppo(data: str | None = None, init: str | None = None, out: str | None = None
         train: TrainConfig = DEFAULT_PPO_TRAIN, lora: LoraConfig = DEFAULT_LORA, ppo: PPOConfig = DEFAULT_PPO,
         rewards: str | None = None, reward_model: str | None = None, tasks: str | None = None,
         num_prompts: int = 1000, val_data: str | None = None, val_fraction: float = 0.05,
-        resume: bool = False) -> None:
+        tools: str | None = None, resume: bool = False) -> None:
     """Proximal Policy Optimization with a value head (InstructGPT-style RLHF).
 
     Each step samples --ppo.num_samples completions per prompt from the model being trained and scores
@@ -152,13 +156,15 @@ def ppo(data: str | None = None, init: str | None = None, out: str | None = None
         train: Optimisation, schedule, evaluation and checkpointing; train.batch_size counts prompts per micro-batch (each brings num_samples completions); prompt + completion must fit in train.seq_len + 1 tokens (longer prompts are dropped and counted).
         lora: LoRA adapters instead of full fine-tuning (lora.rank > 0); the value head trains in full.
         ppo: PPO's own settings: ppo.num_samples, ppo.max_new_tokens, ppo.temperature, ppo.top_k,
-            ppo.top_p, ppo.kl_coef, ppo.gamma, ppo.lam (GAE), ppo.clip, ppo.value_clip, ppo.vf_coef.
+            ppo.top_p, ppo.kl_coef, ppo.gamma, ppo.lam (GAE), ppo.clip, ppo.value_clip, ppo.vf_coef,
+            ppo.max_turns and ppo.tool_timeout (agentic rollouts, as GRPO's).
         rewards: Comma-separated reward functions, summed: "task" (the synthetic tasks' checkers), "module:function" or "path/to/file.py:function"; default "task", or none when --reward_model is given.
         reward_model: A reward model (run directory of `acornlm train reward`) whose score of prompt + completion is added to the reward; it must share the policy's tokenizer.
-        tasks: Without --data: synthetic prompts from these tasks (comma-separated: arithmetic, reverse, count, sort).
+        tasks: Without --data: synthetic prompts from these tasks (comma-separated: arithmetic, reverse, count, sort; price (a tool call) and add (thinking)).
         num_prompts: Synthetic prompts per task (with --tasks).
         val_data: Held-out prompts for validation; default: a val_fraction of --data (or held-out task questions).
         val_fraction: Share of --data held out when --val_data is not given.
+        tools: A Python file whose functions are the tools of the prompts' "tools" lists (agentic RL); a function with a keyword parameter `example` receives the prompt record. The `price` task's tool is built in.
         resume: Continue the run in OUT from checkpoints/latest (the value head included).
     """
     from acornlm.train.ppo import run_ppo
@@ -166,7 +172,7 @@ def ppo(data: str | None = None, init: str | None = None, out: str | None = None
     _require_out(out)
     summary = run_ppo(data, init, out, train, lora, ppo=ppo, rewards=rewards, reward_model=reward_model,
                       tasks=tasks, num_prompts=num_prompts, val_data=val_data, val_fraction=val_fraction,
-                      resume=resume)
+                      resume=resume, tools=tools)
     _print_summary(summary, {"val_reward": "held-out mean reward", "val_task_accuracy": "held-out task accuracy"})
     _print_reward_errors(summary)
 

@@ -42,10 +42,13 @@ from acornlm.train.reward_model import RewardModel
 from acornlm.train.rewards import RewardRunner, load_reward_functions
 from acornlm.train.rollouts import (
     Rollouts,
+    ToolEnvironment,
     load_checked_reward_model,
     reference_logprobs,
     reward_spec,
     rl_prompts,
+    tool_environment,
+    tool_totals,
 )
 from acornlm.train.stage import (
     MeanMetrics,
@@ -128,11 +131,12 @@ class GRPOBatches(Rollouts):
                  val: Sequence[dict[str, Any]], rewards: RewardRunner | None, *, group_size: int, batch_size: int,
                  max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  seq_len: int | None = None, rank: int = 0, world_size: int = 1, grad_accum_steps: int = 1,
-                 reward_model: RewardModel | None = None) -> None:
+                 reward_model: RewardModel | None = None, environment: ToolEnvironment | None = None) -> None:
         super().__init__(model, tokenizer, train, val, rewards, num_samples=group_size, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          seed=seed, seq_len=seq_len, rank=rank, world_size=world_size,
-                         grad_accum_steps=grad_accum_steps, reward_model=reward_model, stage="grpo")
+                         grad_accum_steps=grad_accum_steps, reward_model=reward_model, stage="grpo",
+                         environment=environment)
         self.group_size = group_size
 
     def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
@@ -166,7 +170,8 @@ class GRPOLoss:
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "eval_rewards" in batch:
             mean_reward = batch["eval_rewards"].mean()
-            self.metrics.add(False, {"reward": mean_reward})
+            extra = {"task_accuracy": batch["eval_task_accuracy"]} if "eval_task_accuracy" in batch else {}
+            self.metrics.add(False, {"reward": mean_reward, **extra})
             return -mean_reward
         logprobs = token_logprobs(model(batch["input_ids"]), batch["targets"])
         reference = self.reference_logprobs(batch) if self.kl_beta > 0 else None
@@ -179,7 +184,7 @@ class GRPOLoss:
             "kl": out.kl, "clipped_fraction": out.clipped_fraction,
             "completion_length": batch["completion_lengths"].mean(),
         })
-        self.metrics.add_total(model.training, {"reward_errors": batch["reward_errors"]})
+        self.metrics.add_total(model.training, {"reward_errors": batch["reward_errors"], **tool_totals(batch)})
         return out.loss
 
     def pop_metrics(self, training: bool) -> dict[str, float]:
@@ -202,6 +207,8 @@ class GRPOConfig:
         top_k: Sample among the k most likely tokens only; 0 = off.
         top_p: Nucleus sampling threshold; 1 = off.
         clip_eps: PPO clip range of the policy ratio.
+        max_turns: With tools (agentic rollouts): most assistant turns per trajectory.
+        tool_timeout: With tools: seconds a tool call may run before it counts as timed out.
         kl_beta: Weight of the KL penalty to the starting model (k3 estimator); 0 = none, and no
             reference model in memory.
     """
@@ -214,6 +221,8 @@ class GRPOConfig:
     top_p: float = 1.0
     clip_eps: float = 0.2
     kl_beta: float = 0.0
+    max_turns: int = 3
+    tool_timeout: float = 2.0
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
@@ -233,15 +242,18 @@ def run_grpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | 
              train_config: TrainConfig, lora: LoraConfig | None = None, *, grpo: GRPOConfig | None = None,
              tasks: str | None = None, num_prompts: int = 1000, val_data: str | Path | Sequence[str | Path] | None = None,
              val_fraction: float = 0.05, resume: bool = False,
-             reward_model: str | Path | None = None) -> dict[str, Any]:
+             reward_model: str | Path | None = None, tools: str | Path | None = None) -> dict[str, Any]:
     """Improve the checkpoint `init` by GRPO on the rewards of its own sampled completions.
 
     A completion's reward is the sum of the reward functions (grpo.reward) and, with `reward_model`
     (a directory of `acornlm train reward`), the reward model's score of prompt + completion.
     Returns the Trainer's summary plus "val_reward" (mean reward of greedy answers to held-out
-    prompts at the last evaluation) and the reward functions' error counts.
+    prompts at the last evaluation) and the reward functions' error counts. Prompts that carry
+    `tools` are played out with the functions of `tools` (a Python file) and of the agent tasks
+    (acornlm.data.agent_tasks), the final answer rewarded (agentic RL; see rollouts.py).
     """
     grpo = grpo or GRPOConfig()
+    environment = tool_environment(tools, tasks, grpo.max_turns, grpo.tool_timeout)
     grpo = dataclasses.replace(grpo, reward=reward_spec(grpo.reward, reward_model))  # what runs, as recorded
     functions, names = load_reward_functions(grpo.reward) if grpo.reward is not None else ([], [])
     start = resolve_start(init, out, resume, lora, train_config)
@@ -258,7 +270,8 @@ def run_grpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | 
                               batch_size=train_config.batch_size, max_new_tokens=grpo.max_new_tokens,
                               temperature=grpo.temperature, top_k=grpo.top_k, top_p=grpo.top_p, seed=train_config.seed,
                               seq_len=train_config.seq_len, rank=context.rank, world_size=context.world_size,
-                              grad_accum_steps=train_config.grad_accum_steps, reward_model=scorer)
+                              grad_accum_steps=train_config.grad_accum_steps, reward_model=scorer,
+                              environment=environment)
         reference = load_reference(start) if grpo.kl_beta > 0 and not start.lora.enabled else None
         loss = GRPOLoss(grpo.clip_eps, grpo.kl_beta, reference)
         trainer = Trainer(
@@ -274,6 +287,6 @@ def run_grpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | 
         summary = trainer.fit()
     finally:
         distributed.teardown()
-    summary.update(final_metrics(start.out_dir, ("val_reward",)))
+    summary.update(final_metrics(start.out_dir, ("val_reward", "val_task_accuracy")))
     summary["reward_errors"] = dict(runner.errors_by_function) if runner is not None else {}
     return summary

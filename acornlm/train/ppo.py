@@ -56,6 +56,8 @@ from acornlm.train.rollouts import (
     reference_logprobs,
     reward_spec,
     rl_prompts,
+    tool_environment,
+    tool_totals,
 )
 from acornlm.train.stage import (
     MeanMetrics,
@@ -300,7 +302,7 @@ class PPOLoss:
             "explained_variance": explained_variance(old_values, returns, mask),
             "value": masked_mean(old_values, mask), "completion_length": batch["completion_lengths"].mean(),
         })
-        self.metrics.add_total(model.training, {"reward_errors": batch["reward_errors"]})
+        self.metrics.add_total(model.training, {"reward_errors": batch["reward_errors"], **tool_totals(batch)})
         return policy_loss + c.vf_coef * value_loss
 
     def pop_metrics(self, training: bool) -> dict[str, float]:
@@ -327,6 +329,8 @@ class PPOConfig:
         clip: Clip range of the policy ratio pi / pi_old.
         value_clip: Clip range of the new values around the old ones in the value loss.
         vf_coef: Weight of the value loss in the total loss.
+        max_turns: With tools (agentic rollouts): most assistant turns per trajectory.
+        tool_timeout: With tools: seconds a tool call may run before it counts as timed out.
     """
 
     num_samples: int = 4
@@ -340,6 +344,8 @@ class PPOConfig:
     clip: float = 0.2
     value_clip: float = 0.2
     vf_coef: float = 0.1
+    max_turns: int = 3
+    tool_timeout: float = 2.0
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -364,14 +370,15 @@ def run_ppo(data: str | Path | Sequence[str | Path] | None, init: str | Path | N
             train_config: TrainConfig, lora: LoraConfig | None = None, *, ppo: PPOConfig | None = None,
             rewards: str | None = None, reward_model: str | Path | None = None, tasks: str | None = None,
             num_prompts: int = 1000, val_data: str | Path | Sequence[str | Path] | None = None,
-            val_fraction: float = 0.05, resume: bool = False) -> dict[str, Any]:
+            val_fraction: float = 0.05, resume: bool = False, tools: str | Path | None = None) -> dict[str, Any]:
     """Improve the checkpoint `init` by PPO on the rewards of its own sampled completions.
 
     `rewards` names reward functions as GRPO's (comma-separated, summed; default "task" unless a
     reward model is given); `reward_model` is a directory of `acornlm train reward`, whose score of
     prompt + completion is added. Returns the Trainer's summary plus "val_reward" (mean reward of
     greedy answers to held-out prompts at the last evaluation), "val_task_accuracy" (with --tasks)
-    and the reward functions' error counts.
+    and the reward functions' error counts. Prompts that carry `tools` are played out as GRPO's
+    are (agentic rollouts with the functions of `tools` and of the agent tasks).
     """
     ppo = ppo or PPOConfig()
     spec = reward_spec(rewards, reward_model)
@@ -391,7 +398,8 @@ def run_ppo(data: str | Path | Sequence[str | Path] | None, init: str | Path | N
                            batch_size=train_config.batch_size, max_new_tokens=ppo.max_new_tokens,
                            temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p, seed=train_config.seed,
                            seq_len=train_config.seq_len, rank=context.rank, world_size=context.world_size,
-                           grad_accum_steps=train_config.grad_accum_steps, reward_model=scorer, stage="ppo")
+                           grad_accum_steps=train_config.grad_accum_steps, reward_model=scorer, stage="ppo",
+                           environment=tool_environment(tools, tasks, ppo.max_turns, ppo.tool_timeout))
         reference = load_reference(start) if ppo.kl_coef > 0 and not start.lora.enabled else None
         loss = PPOLoss(ppo, reference)
         trainer = Trainer(

@@ -12,11 +12,19 @@ seeded from (seed, step, micro_step, rank, slot): the samples, and therefore a r
 pure function of the step and the weights. The reward of a completion is the sum of the Python
 reward functions (acornlm/train/rewards.py) and, when one is given, a reward model's score of the
 whole prompt + completion (acornlm/train/reward_model.py); both are deterministic.
+
+Agentic RL: a prompt record that carries `tools` is played out as a multi-turn trajectory
+(acornlm.infer.agent.rollout_group): the model calls a tool, the `ToolEnvironment`'s function runs
+(with a timeout; failures become error texts, counted), its result is appended and the model goes
+on; only the final answer is rewarded, and only the tokens the model sampled are trained. A record
+with `enable_thinking` renders its prompt with that switch, and the reward reads the answer after
+the think block.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +32,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from acornlm.data.agent_tasks import AGENT_FUNCTIONS, AGENT_TASKS
 from acornlm.data.chat import IM_END_ID, render_prompt
 from acornlm.data.conversations import split_conversations
 from acornlm.data.preferences import collate_sequences
 from acornlm.data.prompts import load_prompt_records, task_prompt_records
 from acornlm.data.tasks import TASKS
+from acornlm.data.tools import parse_reply
 from acornlm.errors import ConfigError
+from acornlm.infer.agent import Trajectory, rollout_group
 from acornlm.infer.generate import generate_batch
 from acornlm.infer.sampling import SamplingParams
+from acornlm.infer.tools import load_tool_functions
 from acornlm.model import Transformer
 from acornlm.paths import as_path_list
 from acornlm.tokenizer import Tokenizer
@@ -40,6 +52,47 @@ from acornlm.train.losses import token_logprobs
 from acornlm.train.reward_model import RewardModel, check_reward_tokenizer, load_reward_model
 from acornlm.train.rewards import RewardRunner, task_reward
 from acornlm.train.stage import example_indices
+
+
+@dataclass(frozen=True)
+class ToolEnvironment:
+    """What tool calls run during agentic rollouts: name -> function, the turn limit and each call's timeout."""
+
+    functions: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
+    max_turns: int = 3
+    timeout_s: float = 2.0
+
+
+def tool_environment(tools_file: str | Path | None, tasks: str | None, max_turns: int,
+                     timeout_s: float) -> ToolEnvironment | None:
+    """The functions of `--tools FILE.py` plus the built-in tools of the agent tasks named in `tasks`
+    (the `price` task's price list); None when there are none."""
+    functions: dict[str, Callable[..., Any]] = {}
+    if tasks and any(name.strip() in AGENT_TASKS for name in tasks.split(",")):
+        functions.update(AGENT_FUNCTIONS)
+    if tools_file is not None:
+        functions.update(load_tool_functions(tools_file))
+    if not functions:
+        return None
+    if max_turns < 1 or timeout_s <= 0:
+        raise ConfigError(f"--max_turns must be >= 1 and --tool_timeout > 0, got {max_turns} and {timeout_s}")
+    return ToolEnvironment(functions, max_turns, timeout_s)
+
+
+def answer_text(text: str, record: dict[str, Any]) -> str:
+    """The answer a reward reads: after the think block when the prompt asked for thinking, else the text."""
+    if record.get("enable_thinking") is True:
+        return parse_reply(text, in_thinking=True).content
+    return text
+
+
+def tool_totals(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tool counts of an agentic batch (tool_calls, valid_calls, invalid_calls, tool_errors,
+    timeouts), for a stage's metrics; {} for a batch without tools."""
+    return {name: batch[name] for name in TOOL_COUNTS if name in batch}
+
+
+TOOL_COUNTS = ("tool_calls", "valid_calls", "invalid_calls", "tool_errors", "timeouts")
 
 
 def sample_seed(seed: int, *position: int) -> int:
@@ -110,7 +163,7 @@ def reference_logprobs(reference: nn.Module, batch: dict[str, torch.Tensor]) -> 
 
 def task_accuracy(records: Sequence[dict[str, Any]], texts: Sequence[str]) -> float | None:
     """Share of answers the synthetic tasks' checkers accept, or None when a record is no task prompt."""
-    if not all(r.get("task") in TASKS and isinstance(r.get("answer"), str) for r in records):
+    if not all(r.get("task") in {*TASKS, *AGENT_TASKS} and isinstance(r.get("answer"), str) for r in records):
         return None
     return sum(task_reward(text, record) for text, record in zip(texts, records)) / len(records)
 
@@ -131,9 +184,15 @@ class Rollouts:
                  val: Sequence[dict[str, Any]], rewards: RewardRunner | None, *, num_samples: int, batch_size: int,
                  max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  seq_len: int | None = None, rank: int = 0, world_size: int = 1, grad_accum_steps: int = 1,
-                 reward_model: RewardModel | None = None, stage: str = "rl") -> None:
+                 reward_model: RewardModel | None = None, stage: str = "rl",
+                 environment: ToolEnvironment | None = None) -> None:
         if rewards is None and reward_model is None:
             raise ConfigError(f"{stage} needs a reward: reward functions, a reward model, or both")
+        self.environment = environment
+        with_tools = [r for r in [*train, *val] if r.get("tools")]
+        if with_tools and environment is None:
+            raise ConfigError(f"{len(with_tools)} prompts carry tools but no function runs them: give --tools "
+                              "FILE.py (a Python file whose functions are the tools)")
         self.model, self.tokenizer, self.rewards, self.reward_model = model, tokenizer, rewards, reward_model
         self.stage = stage
         self.seq_len = seq_len or model.config.max_position_embeddings
@@ -157,7 +216,8 @@ class Rollouts:
         budget = self.seq_len + 1 - self.sampling["max_new_tokens"]
         kept, ids = [], []
         for record in records:
-            prompt_ids = render_prompt(self.tokenizer, record["messages"])
+            prompt_ids = render_prompt(self.tokenizer, record["messages"], tools=record.get("tools"),
+                                       enable_thinking=record.get("enable_thinking"))
             if len(prompt_ids) <= budget:
                 kept.append(record)
                 ids.append(prompt_ids)
@@ -180,14 +240,40 @@ class Rollouts:
     def _text(self, completion: list[int]) -> str:
         return self.tokenizer.decode([t for t in completion if t != IM_END_ID])
 
+    def _play(self, index: int, records: Sequence[dict[str, Any]], prompt_ids: list[int],
+              params: SamplingParams) -> list[Trajectory]:
+        """Trajectories of one prompt that carries tools: the model and the tools take turns."""
+        record, environment = records[index], self.environment
+        return rollout_group(self.model, self.tokenizer, record["messages"], tools=record["tools"],
+                             functions=environment.functions, params=params, max_turns=environment.max_turns,
+                             enable_thinking=record.get("enable_thinking"), example=record,
+                             timeout_s=environment.timeout_s, max_total_tokens=self.seq_len + 1)
+
+    def _samples(self, records: Sequence[dict[str, Any]], ids: Sequence[list[int]], index: int,
+                 params: SamplingParams) -> list[tuple[list[int], list[int], str, dict[str, int]]]:
+        """(completion ids, sampled mask, answer text, tool counts) of each sample of one prompt."""
+        record = records[index]
+        if record.get("tools"):
+            was_training = self.model.training
+            try:
+                group = self._play(index, records, ids[index], params)
+            finally:
+                self.model.train(was_training)
+            return [(t.ids[t.prompt_length:], t.generated[t.prompt_length:], t.reply.content, t.stats)
+                    for t in group]
+        return [(c, [1] * len(c), answer_text(self._text(c), record), {}) for c in self._generate(ids[index], params)]
+
     def score(self, prompts: Sequence[list[int]], completions: Sequence[list[int]],
-              records: Sequence[dict[str, Any]]) -> torch.Tensor:
-        """Each completion's reward [N]: the reward functions' sum on its text plus the reward model's
-        score of prompt + completion (token ids as sampled, <|im_end|> included when it stopped)."""
+              records: Sequence[dict[str, Any]], answers: Sequence[str] | None = None) -> torch.Tensor:
+        """Each completion's reward [N]: the reward functions' sum on its answer (`answers`, or the text
+        after any think block) plus the reward model's score of prompt + completion (token ids as
+        sampled, <|im_end|> included when it stopped; tool responses included in a trajectory)."""
         total = torch.zeros(len(completions), dtype=torch.float32)
         if self.rewards is not None:
-            total += torch.tensor([self.rewards.score(self._text(completion), record)
-                                   for completion, record in zip(completions, records)], dtype=torch.float32)
+            texts = answers if answers is not None else [answer_text(self._text(c), r)
+                                                         for c, r in zip(completions, records)]
+            total += torch.tensor([self.rewards.score(text, record) for text, record in zip(texts, records)],
+                                  dtype=torch.float32)
         if self.reward_model is not None:
             sequences = [list(prompt) + list(completion) for prompt, completion in zip(prompts, completions)]
             total += self.reward_model.score_texts(self.tokenizer, sequences).detach().float().cpu()
@@ -197,22 +283,28 @@ class Rollouts:
         indices = example_indices(len(self.train), self.seed, step, micro_step, self.batch_size, self.rank,
                                   self.world_size, self.grad_accum_steps)
         errors_before = self.rewards.errors if self.rewards is not None else 0
-        prompts, completions, records = [], [], []
+        prompts, completions, masks, answers, records = [], [], [], [], []
+        counts = dict.fromkeys(TOOL_COUNTS, 0)
         for slot, index in enumerate(indices):
             params = SamplingParams(**self.sampling, num_samples=self.num_samples,
                                     seed=sample_seed(self.seed, step, micro_step, self.rank, slot))
-            for completion in self._generate(self.train_ids[index], params):
+            for completion, sampled, answer, stats in self._samples(self.train, self.train_ids, index, params):
                 prompts.append(self.train_ids[index])
                 completions.append(completion)
+                masks.append(sampled)
+                answers.append(answer)
                 records.append(self.train[index])
-        rewards = self.score(prompts, completions, records)
+                for name in counts:
+                    counts[name] += stats.get(name, 0)
+        rewards = self.score(prompts, completions, records, answers)
         batch = collate_sequences([p + c for p, c in zip(prompts, completions)],
-                                  [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)],
-                                  self.tokenizer.eot_id)
+                                  [[0] * len(p) + m for p, m in zip(prompts, masks)], self.tokenizer.eot_id)
         batch["rewards"] = rewards
         errors = (self.rewards.errors if self.rewards is not None else 0) - errors_before
         batch["reward_errors"] = torch.tensor(float(errors))
-        batch["completion_lengths"] = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+        batch["completion_lengths"] = torch.tensor([sum(m) for m in masks], dtype=torch.float32)
+        if self.environment is not None:
+            batch.update({name: torch.tensor(float(value)) for name, value in counts.items()})
         return batch
 
     def batch(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
@@ -221,11 +313,12 @@ class Rollouts:
     def eval_batch(self, index: int) -> dict[str, torch.Tensor]:
         params = SamplingParams(**{**self.sampling, "temperature": 0.0})
         positions = [(index * self.batch_size + i) % len(self.val) for i in range(self.batch_size)]
-        prompts = [self.val_ids[p] for p in positions]
+        samples = [self._samples(self.val, self.val_ids, p, params)[0] for p in positions]
         records = [self.val[p] for p in positions]
-        completions = [self._generate(prompt, params)[0] for prompt in prompts]
-        batch = {"eval_rewards": self.score(prompts, completions, records)}
-        accuracy = task_accuracy(records, [self._text(c) for c in completions])
+        answers = [answer for _, _, answer, _ in samples]
+        batch = {"eval_rewards": self.score([self.val_ids[p] for p in positions], [c for c, _, _, _ in samples],
+                                            records, answers)}
+        accuracy = task_accuracy(records, answers)
         if accuracy is not None:
             batch["eval_task_accuracy"] = torch.tensor(accuracy)
         return batch
