@@ -13,6 +13,7 @@ from typing import Any
 
 from acornlm.data.corpus import iter_documents
 from acornlm.errors import ConfigError
+from acornlm.eval.agent import evaluate_agent
 from acornlm.eval.bench import evaluate_benchmark, markdown_table
 from acornlm.eval.benchmarks import Benchmark, hub_items, load_items
 from acornlm.eval.contamination import check_contamination, contaminated_items
@@ -20,7 +21,8 @@ from acornlm.eval.perplexity import perplexity
 from acornlm.export.hf_import import import_hf
 from acornlm.files import atomic_write_json, atomic_write_text
 from acornlm.infer.api import LanguageModel
-from acornlm.model.checkpoint import read_json_config
+from acornlm.model.checkpoint import load_model, read_json_config, resolve_checkpoint
+from acornlm.tokenizer import load_tokenizer
 
 
 def load_for_eval(ckpt: str, device: str = "auto", dtype: str | None = None) -> LanguageModel:
@@ -260,3 +262,32 @@ def contamination(train: list[str], data: list[str] | None = None, format: str =
           f"({report['mb_per_second']} MB/s), peak memory {report['peak_memory_mb']} MB")
     save_json(out, report)
     return report
+
+
+def agent(ckpt: str | None = None, tasks: str = "price,add", n: int = 100, seed: int = 0,
+          out: str | None = None) -> None:
+    """Measure tool calling and thinking on held-out questions of the agent tasks (greedy; tools really run).
+
+    price: the share of first replies with a valid tool call, with exactly the right call
+    (price of the asked item), and of final answers that hold the right price after a call; each
+    question has its own price list, so only the tool knows it. add: three-digit addition accuracy
+    with thinking on (the prompt opens <think>) and off (an empty think block). See
+    acornlm/eval/agent.py and `acornlm demo-agent`.
+
+    Args:
+        ckpt: The checkpoint or run directory to evaluate (its tokenizer needs the chat tokens).
+        tasks: Comma-separated: price, add.
+        n: Held-out questions per task.
+        seed: Which held-out questions.
+        out: Also write the figures as JSON here.
+    """
+    if ckpt is None:
+        raise ConfigError("--ckpt is required: the checkpoint or run directory to evaluate")
+    source = resolve_checkpoint(ckpt)
+    model, _ = load_model(source)
+    figures = evaluate_agent(model, load_tokenizer(source), [t.strip() for t in tasks.split(",") if t.strip()],
+                             n=n, seed=seed)
+    text = json.dumps(figures, indent=2)
+    if out is not None:
+        atomic_write_text(Path(out), text + "\n")
+    print(text)
