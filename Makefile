@@ -15,7 +15,7 @@ PIP := $(PY) -m pip
 DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
 
-.PHONY: demo test venv torch lint
+.PHONY: demo demo-agent test venv torch lint
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ venv: torch
 
 demo: venv
 	$(VENV)/bin/acornlm demo --out $(DEMO_DIR) $(DEMO_ARGS)
+
+# tools, thinking and RLHF, measured (acornlm demo-agent; about 25 minutes on 2 cores)
+demo-agent: venv
+	$(VENV)/bin/acornlm demo-agent --out runs/demo-agent $(DEMO_ARGS)
 
 test: torch
 	$(PIP) install --quiet -e ".[dev]"

@@ -291,6 +291,16 @@ def test_stream_parser_equals_the_whole_reply_and_never_shows_half_a_tag(chunk):
     assert reply.tool_calls == [{"name": "price", "arguments": {"item": "tea"}}]
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 1000])
+@pytest.mark.parametrize("text", ["\n\nStarts with newlines.\n", "No </think> here, it is just text.", "\n", "<thinking?"])
+def test_a_plain_answer_streams_exactly_as_written(chunk, text):
+    parser = ReplyStreamParser()
+    events = [event for i in range(0, len(text), chunk) for event in parser.feed(text[i:i + chunk])]
+    reply, rest = parser.finish()
+    assert "".join(t for kind, t in events if kind == "content") + rest == text == reply.content
+    assert reply.reasoning_content is None and not any(kind == "reasoning" for kind, _ in events)
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 1000])
 def test_stream_parser_continuing_an_opened_think_block(chunk):
     text = "carry the one\n</think>\n\n132"

@@ -688,9 +688,9 @@ def test_an_obviously_too_long_prompt_is_refused_before_tokenizing_and_tokenizin
         calls.append(threading.current_thread().name)
         return real_encode(text, *args, **kwargs)
 
-    def render_prompt(tokenizer, messages):
+    def render_prompt(tokenizer, messages, **options):
         calls.append(threading.current_thread().name)
-        return real_render(tokenizer, messages)
+        return real_render(tokenizer, messages, **options)
 
     real_render = __import__("acornlm.serve.app").serve.app.render_prompt
     monkeypatch.setattr(engine.tokenizer, "encode", encode)

@@ -206,3 +206,68 @@ def test_enter_while_an_input_method_composes_does_not_send(page):
         return [whileComposing, submitted];
     }""")
     assert sent == [0, 1]
+
+
+def sse_body(*deltas: dict, finish: str = "stop", **final) -> str:
+    """A streamed chat reply as the server writes it: one chunk per delta, a finish chunk, [DONE]."""
+    chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}]
+    chunks += [{"choices": [{"index": 0, "delta": delta, "finish_reason": None}]} for delta in deltas]
+    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": finish, **final}]})
+    return "".join(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+
+
+def test_thinking_is_collapsed_and_tool_calls_are_cards(browser, server):
+    """The page's rendering of reasoning_content and tool_calls deltas (the reply is canned: a tiny random
+    model writes neither; tests/test_serve_tools.py covers the server's side of the same chunks)."""
+    page = browser.new_page(bypass_csp=True)
+    page.set_default_timeout(20_000)
+    replies = [
+        sse_body({"reasoning_content": "先想一想 🤔\n"}, {"reasoning_content": "then <b>answer</b>"},
+                 {"content": "答案是 **42**"}),
+        sse_body({"reasoning_content": "need the weather"},
+                 {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                  "function": {"name": "get_weather", "arguments": '{"city": "北京", "days": 2}'}}]},
+                 finish="tool_calls"),
+        sse_body({"content": "<tool_call>oops"}, tool_call_problems=["a tool call is not valid JSON"]),
+    ]
+    sent: list[dict] = []
+
+    def reply(route) -> None:
+        sent.append(json.loads(route.request.post_data))
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=replies[len(sent) - 1])
+
+    page.route("**/v1/chat/completions", reply)
+    page.goto(server.url + "/")
+    page.click("#settings-toggle")
+    page.select_option("#thinking", "off")
+    page.dispatch_event("#thinking", "change")
+    page.fill("#input", "the king")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".message.assistant[data-finish='stop']")
+    assert sent[0]["chat_template_kwargs"] == {"enable_thinking": False}
+    first = page.locator(".message.assistant").last
+    thinking = first.locator("details.thinking")
+    assert thinking.get_attribute("open") is None  # collapsed
+    assert thinking.locator("summary").inner_text() == "Thinking"
+    assert thinking.locator(".reasoning").text_content() == "先想一想 🤔\nthen <b>answer</b>"  # text, not HTML
+    assert first.locator(".content strong").inner_text() == "42"
+    assert page.evaluate("conversation.at(-1)") == {"role": "assistant", "content": "答案是 **42**",
+                                                     "reasoning_content": "先想一想 🤔\nthen <b>answer</b>"}
+    thinking.locator("summary").click()
+    assert thinking.locator(".reasoning").is_visible()
+
+    page.fill("#input", "weather?")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".message.assistant[data-finish='tool_calls']")
+    card = page.locator(".message.assistant").last.locator(".tool-call")
+    assert card.count() == 1 and card.locator(".tool-name").inner_text() == "get_weather"
+    assert card.locator(".tool-arguments").text_content() == '{\n  "city": "北京",\n  "days": 2\n}'
+    assert sent[1]["messages"][-2]["reasoning_content"] == "先想一想 🤔\nthen <b>answer</b>"
+
+    page.fill("#input", "again")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".message.assistant[data-finish='stop'] >> nth=1")
+    last = page.locator(".message.assistant").last
+    assert last.locator(".content").inner_text() == "<tool_call>oops"
+    assert "tool call not accepted: a tool call is not valid JSON" in last.locator(".status").inner_text()
+    page.close()

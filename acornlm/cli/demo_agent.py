@@ -128,8 +128,8 @@ def evaluate(label: str, run: Path, tasks: list[str], n: int, seed: int) -> dict
     return figures
 
 
-def stage_train(minutes: float, **overrides: Any) -> TrainConfig:
-    settings = dict(max_steps=100_000, max_minutes=minutes, batch_size=8, seq_len=SEQ_LEN, learning_rate=1e-5,
+def stage_train(seq_len: int, minutes: float, **overrides: Any) -> TrainConfig:
+    settings = dict(max_steps=100_000, max_minutes=minutes, batch_size=8, seq_len=seq_len, learning_rate=1e-5,
                     min_lr=1e-5, warmup_steps=2, weight_decay=0.0, eval_interval=0, eval_batches=2,
                     save_interval=0, log_interval=5, progress=False)
     return TrainConfig(**{**settings, **overrides})
@@ -168,6 +168,8 @@ def demo_agent(out: str = "runs/demo-agent", minutes: float = 20.0, init: str | 
     figures: dict[str, Any] = {"minutes": minutes, "eval_examples": eval_examples}
     timings: dict[str, float] = {}
 
+    seq_len = SEQ_LEN
+
     def timed(name: str, function, *args, **kwargs):
         start = time.perf_counter()
         result = function(*args, **kwargs)
@@ -178,13 +180,14 @@ def demo_agent(out: str = "runs/demo-agent", minutes: float = 20.0, init: str | 
     base, model_config = base_model(out_dir, init, preset, seed)
     say(f"      {base}: {model_config.num_hidden_layers} layers x {model_config.hidden_size}, "
         f"{model_config.vocab_size} tokens")
+    seq_len = min(SEQ_LEN, model_config.max_position_embeddings)
     n = eval_examples
     say("[2/7] before fine-tuning")
     figures["before"] = evaluate("before SFT", base, ["price", "add"], n, seed)
 
     say(f"[3/7] SFT on tool and reasoning chats ({stage_minutes['sft']:.1f} min)")
     data = write_sft_data(out_dir / "sft.jsonl", seed)
-    sft_train = stage_train(stage_minutes["sft"] * 1.1, batch_size=16, learning_rate=2e-3, min_lr=2e-4,
+    sft_train = stage_train(seq_len, stage_minutes["sft"] * 1.1, batch_size=16, learning_rate=2e-3, min_lr=2e-4,
                             warmup_steps=30, weight_decay=0.1, device=device, seed=seed)
     steps = estimate_steps(model_config, sft_train, stage_minutes["sft"], device)
     sft_train = dataclasses.replace(sft_train, max_steps=steps, log_interval=20)
@@ -193,7 +196,7 @@ def demo_agent(out: str = "runs/demo-agent", minutes: float = 20.0, init: str | 
     figures["sft"] = evaluate("after SFT", out_dir / "sft", ["price", "add"], n, seed)
 
     say(f"[4/7] agentic GRPO: the model calls its tool while it learns ({stage_minutes['grpo']:.1f} min)")
-    grpo_train = stage_train(stage_minutes["grpo"], learning_rate=2e-5, min_lr=2e-5, device=device, seed=seed)
+    grpo_train = stage_train(seq_len, stage_minutes["grpo"], learning_rate=2e-5, min_lr=2e-5, device=device, seed=seed)
     grpo_config = GRPOConfig(group_size=8, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, max_turns=2)
     grpo = timed("grpo", run_grpo, None, out_dir / "sft", out_dir / "grpo", grpo_train, grpo=grpo_config,
                  tasks="price,add", num_prompts=400)
@@ -202,7 +205,7 @@ def demo_agent(out: str = "runs/demo-agent", minutes: float = 20.0, init: str | 
 
     say(f"[5/7] a reward model: answers must agree with their scratchpad ({stage_minutes['reward']:.1f} min)")
     pairs = write_preference_pairs(out_dir / "pairs.jsonl", 2000, seed)
-    reward_train = stage_train(stage_minutes["reward"], batch_size=16, learning_rate=3e-4, min_lr=3e-5,
+    reward_train = stage_train(seq_len, stage_minutes["reward"], batch_size=16, learning_rate=3e-4, min_lr=3e-5,
                                warmup_steps=10, device=device, seed=seed)
     reward = timed("reward", run_reward, pairs, out_dir / "sft", out_dir / "reward", reward_train, val_fraction=0.1)
     figures["reward_model"] = {"val_pair_accuracy": reward.get("val_reward_accuracy"), "steps": reward["steps"],
@@ -210,7 +213,7 @@ def demo_agent(out: str = "runs/demo-agent", minutes: float = 20.0, init: str | 
     say(f"      {reward['steps']} steps, held-out pair accuracy {reward.get('val_reward_accuracy', float('nan')):.3f}")
 
     say(f"[6/7] PPO and GRPO on the reward model, from the same SFT model, {stage_minutes['ppo']:.1f} min each")
-    rl_train = stage_train(stage_minutes["ppo"], learning_rate=2e-5, min_lr=2e-5, device=device, seed=seed,
+    rl_train = stage_train(seq_len, stage_minutes["ppo"], learning_rate=2e-5, min_lr=2e-5, device=device, seed=seed,
                            eval_batches=4)
     ppo = timed("ppo", run_ppo, None, out_dir / "sft", out_dir / "ppo", rl_train, tasks="add", num_prompts=400,
                 reward_model=out_dir / "reward",

@@ -43,6 +43,12 @@ def serve(
     web chat page at /. Concurrent requests are decoded together (continuous batching); requests
     beyond --max_batch running and --max_queue waiting get HTTP 429.
 
+    Chat completions take OpenAI's `tools` and `tool_choice` and return `tool_calls` (finish_reason
+    "tool_calls") when the model writes valid calls; a malformed call comes back as plain text. The
+    model's thinking comes back as `reasoning_content` (vLLM's name), and
+    `chat_template_kwargs: {"enable_thinking": false}` asks for an answer without thinking. Both need
+    a tokenizer with the chat tokens (`acornlm tokenizer add-chat-tokens` adds them to an older one).
+
     Args:
         ckpt: Checkpoint directory, or a run directory (its latest checkpoint is used).
         host: Address to listen on; 127.0.0.1 (this machine only) unless you mean to expose it.

@@ -152,16 +152,18 @@ def parse_tool_call(body: str) -> tuple[dict[str, Any] | None, str | None]:
 # --- whole replies ---
 
 def split_thinking(text: str) -> tuple[str | None, str]:
-    """(reasoning, rest) of a reply: the text inside <think>...</think> when the reply has the block,
-    with the newlines the template adds stripped; (None, text) otherwise. An unclosed <think> (the
-    model ran out of tokens while thinking) is all reasoning."""
+    """(reasoning, rest) of a reply that opens with a think block (after any newlines), with the
+    newlines the template adds stripped; (None, text) otherwise, the text untouched. An unclosed
+    <think> (the model ran out of tokens while thinking) is all reasoning. Only a block at the start
+    counts, as a streaming reader sees it: "</think>" later in an answer is just text."""
     stripped = text.lstrip("\n")
-    if THINK_END in text:
-        before, _, after = text.partition(THINK_END)
-        return before.split(THINK_START, 1)[-1].strip("\n"), after.lstrip("\n")
-    if stripped.startswith(THINK_START):
-        return stripped[len(THINK_START):].strip("\n"), ""
-    return None, text
+    if not stripped.startswith(THINK_START):
+        return None, text
+    inside = stripped[len(THINK_START):]
+    if THINK_END not in inside:
+        return inside.strip("\n"), ""
+    reasoning, _, after = inside.partition(THINK_END)
+    return reasoning.strip("\n"), after.lstrip("\n")
 
 
 def parse_reply(text: str, tools: Sequence[Any] | None = None, in_thinking: bool = False) -> Reply:
@@ -170,7 +172,7 @@ def parse_reply(text: str, tools: Sequence[Any] | None = None, in_thinking: bool
     reasoning, rest = split_thinking(THINK_START + text if in_thinking else text)
     bodies = TOOL_CALL.findall(rest)
     if not bodies:
-        return Reply(rest.strip() if TOOL_CALL_START in rest else rest, reasoning,
+        return Reply(rest, reasoning,
                      problems=["an unclosed <tool_call>"] if TOOL_CALL_START in rest else [])
     calls, problems = [], []
     for body in bodies:
@@ -211,7 +213,7 @@ class ReplyStreamParser:
         self.text = ""       # everything fed so far
         self.pending = ""    # text not yet passed on
         self.state = "thinking" if in_thinking else "start"  # start -> (thinking ->) content -> tool_calls
-        self.skip_newlines = True  # the newlines the template puts after <think> and </think>
+        self.skip_newlines = in_thinking  # the newlines the template puts after <think> and </think>
         self.sent_content = ""
 
     def feed(self, piece: str) -> Iterator[tuple[str, str]]:
@@ -224,14 +226,15 @@ class ReplyStreamParser:
                 if not self.pending:
                     return
                 self.skip_newlines = False
-            if self.state == "start":
-                if THINK_START.startswith(self.pending) and self.pending != THINK_START:
+            if self.state == "start":  # a think block may open the reply, after newlines
+                head = self.pending.lstrip("\n")
+                if not head or (THINK_START.startswith(head) and head != THINK_START):
                     return  # maybe "<think>" still arriving
-                if self.pending.startswith(THINK_START):
-                    self.pending = self.pending[len(THINK_START):]
+                if head.startswith(THINK_START):
+                    self.pending = head[len(THINK_START):]
                     self.state, self.skip_newlines = "thinking", True
                 else:
-                    self.state = "content"
+                    self.state = "content"  # the newlines stay: they are the answer's
                 continue
             tag = THINK_END if self.state == "thinking" else TOOL_CALL_START
             index = self.pending.find(tag)

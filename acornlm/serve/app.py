@@ -3,7 +3,7 @@
     GET  /                      the web chat page (static/index.html; it calls the same API)
     GET  /health                liveness and load: running / waiting sequences (no API key needed)
     GET  /v1/models             the one served model
-    POST /v1/chat/completions   ChatML prompt from `messages`; streaming with SSE
+    POST /v1/chat/completions   ChatML prompt from `messages` (+ `tools`, thinking); streaming with SSE
     POST /v1/completions        plain text continuation of `prompt`
 
 Every route sits behind `HostGuard` (without an API key, only loopback Host names are answered,
@@ -11,7 +11,9 @@ against cross-site requests and DNS rebinding) and `SecurityHeaders` (see guards
 
 How a request flows: read the body (size and time limits, JSON content type), parse JSON, validate with the pydantic models in
 `protocol.py`, build the prompt tokens, submit one engine sequence per choice, then either wait for
-all of them or stream their events as SSE chunks. The engine thread hands events over with
+all of them or stream their events as SSE chunks. A chat reply's text goes through a `ReplyAssembler`
+(replies.py), which splits it into `reasoning_content`, `content` and `tool_calls`, the same way
+streamed or not. The engine thread hands events over with
 `loop.call_soon_threadsafe`, so the event loop never blocks on the model. When a streaming client
 disconnects, Starlette cancels the response; the `finally` cancels the sequences, which frees their
 batch slots before the next decode step. A non-streaming request watches for the disconnect itself.
@@ -38,7 +40,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from acornlm.data.chat import render_prompt
+from acornlm.data.chat import message_problem, render_prompt
 from acornlm.errors import ConfigError, DataError
 from acornlm.infer.engine import Engine, EngineFull, EngineStopped, Event, TokenLogprob, sampling_for_request
 from acornlm.infer.sampling import SamplingParams
@@ -56,7 +58,14 @@ from acornlm.serve.errors import (
     unsupported_media_type,
 )
 from acornlm.serve.guards import HostGuard, SecurityHeaders
-from acornlm.serve.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest, ServerLimits
+from acornlm.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    ServerLimits,
+    ToolPolicy,
+)
+from acornlm.serve.replies import FinishedReply, ReplyAssembler
 
 STATIC_DIR = Path(__file__).parent / "static"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -409,30 +418,58 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
         body = parse(ChatCompletionRequest, await read_json(request))
         check_model(body)
         top_logprobs = body.logprobs_wanted()
+        policy = body.tool_policy()
+        enable_thinking = body.enable_thinking()
         messages = body.chat_messages()
-        check_text_length(sum(len(m["content"]) for m in messages), "messages")
+        problem = message_problem(messages, need_assistant=False)
+        if problem:
+            raise bad_request(f"invalid messages: {problem}", "messages")
+        check_text_length(body.text_length(), "messages")
         try:  # off the event loop: tokenizing a long prompt must not stall the other streams
-            prompt_ids = await asyncio.to_thread(render_prompt, tokenizer, messages)
+            prompt_ids = await asyncio.to_thread(render_prompt, tokenizer, messages, tools=policy.rendered,
+                                                 enable_thinking=enable_thinking)
         except DataError as exc:
             raise bad_request(str(exc), "messages") from exc
+        except ConfigError as exc:  # thinking or tools with a tokenizer that lacks the chat tokens
+            raise bad_request(str(exc), code="missing_chat_tokens") from exc
         check_prompt(prompt_ids, "messages")
         run = start_run([prompt_ids], body, top_logprobs)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        assemblers = [ReplyAssembler(policy.accepted, required=policy.wanted(), in_thinking=enable_thinking is True,
+                                     id_prefix=f"call_{uuid.uuid4().hex[:16]}") for _ in run.handles]
         if body.stream:
-            return StreamingResponse(chat_stream(run, meta, body.n, body.include_usage, top_logprobs is not None),
+            return StreamingResponse(chat_stream(run, meta, assemblers, policy, body.include_usage,
+                                                 top_logprobs is not None),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         results = await run.collect_while_connected(request)
         if results is None:  # nobody is left to read the response
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
-                    "logprobs": {"content": [logprob_entry(lp) for lp in r.logprobs]} if top_logprobs is not None
-                    else None, "finish_reason": r.finish_reason} for i, r in enumerate(results)]
+        choices = []
+        for i, (result, assembler) in enumerate(zip(results, assemblers)):
+            assembler.feed(result.text)
+            done = assembler.finish()
+            choice = {"index": i, "message": done.message(),
+                      "logprobs": {"content": [logprob_entry(lp) for lp in result.logprobs]}
+                      if top_logprobs is not None else None,
+                      "finish_reason": done.finish_reason(result.finish_reason)}
+            choices.append(with_problems(choice, done, meta, policy))
         return {**meta, "object": "chat.completion", "choices": choices, "system_fingerprint": None,
                 "usage": usage(run.prompt_tokens, sum(r.completion_tokens for r in results))}
 
-    async def chat_stream(run: ChoiceRun, meta: dict[str, Any], n: int, include_usage: bool,
-                          with_logprobs: bool) -> AsyncIterator[str]:
-        """SSE: a role delta per choice, content deltas, a finish chunk per choice, usage if asked, [DONE]."""
+    def with_problems(choice: dict[str, Any], done: FinishedReply, meta: dict[str, Any],
+                      policy: ToolPolicy) -> dict[str, Any]:
+        """The choice with `tool_call_problems` when the model's calls were refused or an expected call did
+        not come (also logged): the reply is still a 200 with the text as content."""
+        if done.problems:
+            choice["tool_call_problems"] = done.problems
+            log.info("%s choice %d (tool_choice %s): %s", meta["id"], choice["index"], policy.choice,
+                     "; ".join(done.problems))
+        return choice
+
+    async def chat_stream(run: ChoiceRun, meta: dict[str, Any], assemblers: list[ReplyAssembler],
+                          policy: ToolPolicy, include_usage: bool, with_logprobs: bool) -> AsyncIterator[str]:
+        """SSE: a role delta per choice, reasoning_content and content deltas, each tool call whole in one
+        delta, a finish chunk per choice, usage if asked, [DONE]."""
         def chunk(choice: dict[str, Any] | None, usage_value: dict | None = None) -> str:
             data = {**meta, "object": "chat.completion.chunk", "system_fingerprint": None,
                     "choices": [choice] if choice else []}
@@ -440,6 +477,12 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
                 data["usage"] = usage_value
             return sse(data)
 
+        def delta(index: int, fields: dict[str, Any]) -> str:
+            logprobs = {"content": pending[index]} if with_logprobs else None
+            pending[index] = []
+            return chunk({"index": index, "delta": fields, "logprobs": logprobs, "finish_reason": None})
+
+        n = len(assemblers)
         completion_tokens = 0
         pending: dict[int, list[dict]] = {i: [] for i in range(n)}  # logprobs of tokens whose text is held back
         try:
@@ -449,20 +492,26 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None,
             async for index, event in run.events():
                 if event.logprob is not None:
                     pending[index].append(logprob_entry(event.logprob))
-                if event.text:
-                    logprobs = {"content": pending[index]} if with_logprobs else None
-                    pending[index] = []
-                    yield chunk({"index": index, "delta": {"content": event.text}, "logprobs": logprobs,
-                                 "finish_reason": None})
+                for kind, text in assemblers[index].feed(event.text):
+                    yield delta(index, {"reasoning_content" if kind == "reasoning" else "content": text})
                 if event.finished:
                     if event.finish_reason in ("error", "abort"):
                         yield sse({"error": {"message": f"generation ended: {event.error or 'server shutdown'}",
                                              "type": "server_error", "param": None, "code": event.finish_reason}})
                         break
                     completion_tokens += event.completion_tokens
+                    done = assemblers[index].finish()
+                    if done.reasoning_rest:
+                        yield delta(index, {"reasoning_content": done.reasoning_rest})
+                    if done.content_rest:
+                        yield delta(index, {"content": done.content_rest})
+                    if done.tool_calls:
+                        yield delta(index, {"tool_calls": [{"index": k, **call}
+                                                           for k, call in enumerate(done.tool_calls)]})
                     logprobs = {"content": pending[index]} if with_logprobs and pending[index] else None
-                    yield chunk({"index": index, "delta": {}, "logprobs": logprobs,
-                                 "finish_reason": event.finish_reason})
+                    final = {"index": index, "delta": {}, "logprobs": logprobs,
+                             "finish_reason": done.finish_reason(event.finish_reason)}
+                    yield chunk(with_problems(final, done, meta, policy))
             else:
                 if include_usage:
                     yield chunk(None, usage(run.prompt_tokens, completion_tokens))

@@ -5,6 +5,12 @@
 // ("data: {chunk}" ... "data: [DONE]") as they arrive. Stop aborts the request (the server
 // then frees the model's slot); Regenerate drops the last reply and asks again.
 //
+// A reply has up to three parts, as the server splits them: `reasoning_content` deltas (the
+// model's thinking, shown in a collapsed "Thinking" block), `content` deltas (the answer) and
+// `tool_calls` (shown as cards: the function's name and its arguments as indented JSON). The page
+// sends no tools, so the server only returns calls if a proxy in between adds tools; the cards are
+// shown and the call is kept out of the conversation (it would need a tool result to continue).
+//
 // Model output is untrusted text: it is only ever put into the page with textContent
 // (never innerHTML), so a reply containing <script> or <img onerror=...> shows as text.
 // A small Markdown subset (``` code blocks, `inline code`, **bold**) is rendered by
@@ -13,7 +19,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const SETTINGS = ["system-prompt", "temperature", "top-p", "top-k", "max-tokens", "api-key"];
+const SETTINGS = ["system-prompt", "temperature", "top-p", "top-k", "max-tokens", "thinking", "api-key"];
 
 let conversation = [];     // the messages sent to the server
 let modelName = null;      // from GET /v1/models
@@ -84,6 +90,53 @@ function renderMarkdown(container, text) {
   });
 }
 
+// The reply's thinking: a <details> block, collapsed unless the reader opens it.
+function renderReasoning(box, text, streaming) {
+  let details = box.querySelector("details.thinking");
+  if (!details) {
+    details = document.createElement("details");
+    details.className = "thinking";
+    const summary = document.createElement("summary");
+    const body = document.createElement("div");
+    body.className = "reasoning";
+    details.append(summary, body);
+    box.querySelector(".role").after(details);
+  }
+  details.querySelector("summary").textContent = streaming ? "Thinking..." : "Thinking";
+  details.querySelector(".reasoning").textContent = text;
+}
+
+// Arguments arrive as a JSON string; shown indented when they parse, as they are otherwise.
+function prettyArguments(text) {
+  try {
+    return JSON.stringify(JSON.parse(text), null, 2);
+  } catch {
+    return text;
+  }
+}
+
+function renderToolCalls(box, calls) {
+  let list = box.querySelector(".tool-calls");
+  if (!list) {
+    list = document.createElement("div");
+    list.className = "tool-calls";
+    box.querySelector(".content").after(list);
+  }
+  list.replaceChildren();
+  for (const call of calls) {
+    const card = document.createElement("div");
+    card.className = "tool-call";
+    const name = document.createElement("div");
+    name.className = "tool-name";
+    name.textContent = call.name;
+    const args = document.createElement("pre");
+    args.className = "tool-arguments";
+    args.textContent = prettyArguments(call.arguments);
+    card.append(name, args);
+    list.append(card);
+  }
+}
+
 function addMessage(role, text) {
   const box = document.createElement("div");
   box.className = "message " + role;
@@ -139,7 +192,7 @@ function requestBody() {
   const system = $("system-prompt").value.trim();
   if (system) messages.push({ role: "system", content: system });
   messages.push(...conversation);
-  return {
+  const body = {
     model: modelName ?? undefined,
     messages,
     stream: true,
@@ -148,6 +201,10 @@ function requestBody() {
     top_k: numberSetting("top-k"),
     max_tokens: numberSetting("max-tokens"),
   };
+  // "" = the model's default; "on" / "off" = enable_thinking, as vLLM's chat_template_kwargs say it
+  const thinking = $("thinking").value;
+  if (thinking) body.chat_template_kwargs = { enable_thinking: thinking === "on" };
+  return body;
 }
 
 // Yields the parsed JSON of each "data: ..." event until "data: [DONE]".
@@ -178,6 +235,9 @@ async function generateReply() {
   box.classList.add("streaming");
   const content = box.querySelector(".content");
   let reply = "";
+  let reasoning = "";
+  const calls = [];   // by index: {name, arguments}, arguments a JSON string
+  let problems = null;
   let finish = null;
   controller = new AbortController();
   setBusy(true);
@@ -190,12 +250,26 @@ async function generateReply() {
       if (chunk.error) throw new Error(chunk.error.message);
       const choice = chunk.choices[0];
       if (!choice) continue;
-      if (choice.delta.content) {
-        reply += choice.delta.content;
-        renderMarkdown(content, reply);
-        box.scrollIntoView({ block: "end" });
+      const delta = choice.delta ?? {};
+      if (delta.reasoning_content) {
+        reasoning += delta.reasoning_content;
+        renderReasoning(box, reasoning, true);
       }
-      if (choice.finish_reason) finish = choice.finish_reason;
+      if (delta.content) {
+        reply += delta.content;
+        renderMarkdown(content, reply);
+      }
+      for (const call of delta.tool_calls ?? []) {
+        const entry = (calls[call.index ?? calls.length] ??= { name: "", arguments: "" });
+        entry.name += call.function?.name ?? "";
+        entry.arguments += call.function?.arguments ?? "";
+        renderToolCalls(box, calls.filter(Boolean));
+      }
+      if (delta.reasoning_content || delta.content || delta.tool_calls) box.scrollIntoView({ block: "end" });
+      if (choice.finish_reason) {
+        finish = choice.finish_reason;
+        problems = choice.tool_call_problems ?? null;
+      }
     }
   } catch (error) {
     if (error.name === "AbortError") {
@@ -208,14 +282,23 @@ async function generateReply() {
     controller = null;
     box.classList.remove("streaming");
     box.dataset.finish = finish ?? "";
-    if (finish === "length" || finish === "stopped") {
+    if (reasoning) renderReasoning(box, reasoning, false);
+    const notes = [];
+    if (finish === "length") notes.push("(cut at max tokens)");
+    if (finish === "stopped") notes.push("(stopped)");
+    if (problems) notes.push("(tool call not accepted: " + problems.join("; ") + ")");
+    for (const note of notes) {
       const status = document.createElement("div");
       status.className = "status";
-      status.textContent = finish === "length" ? "(cut at max tokens)" : "(stopped)";
+      status.textContent = note;
       box.append(status);
     }
-    if (finish === "error" && !reply) box.remove();
-    else conversation.push({ role: "assistant", content: reply });
+    if (finish === "error" && !reply && !reasoning) box.remove();
+    else {
+      const message = { role: "assistant", content: reply };
+      if (reasoning) message.reasoning_content = reasoning;  // the chat template keeps earlier thinking
+      conversation.push(message);
+    }
     setBusy(false);
   }
 }
