@@ -204,7 +204,14 @@ def test_openai_minimind_and_sharegpt_tool_rows_parse_to_one_shape(tmp_path):
         assert [t.get("function", t)["name"] for t in tools] == ["price"]
 
 
-def test_a_minimind_file_with_tool_and_reasoning_rows_keeps_every_row(tmp_path):
+def test_a_minimind_file_with_tool_and_reasoning_rows_trains_without_skipping_them(tmp_path):
+    import torch
+
+    from acornlm.model import ModelConfig, Transformer
+    from acornlm.model.checkpoint import write_model_files
+    from acornlm.train.config import TrainConfig
+    from acornlm.train.sft import run_sft
+
     rows = [
         {"conversations": [{"role": "user", "content": "1+1?"},
                            {"role": "assistant", "content": "2", "reasoning_content": "one and one"}]},
@@ -213,12 +220,26 @@ def test_a_minimind_file_with_tool_and_reasoning_rows_keeps_every_row(tmp_path):
                            {"role": "assistant", "content": "", "tool_calls": json.dumps(
                                [{"name": "price", "arguments": {"item": "tea"}}])},
                            {"role": "tool", "content": "7"}, {"role": "assistant", "content": "7"}]},
-    ]
-    conversations, stats = load_conversations(write_jsonl(tmp_path / "mm.jsonl", rows))
-    assert (stats.kept, stats.skipped) == (2, 0)
+    ] * 4
+    data = write_jsonl(tmp_path / "mm.jsonl", rows)
+    conversations, stats = load_conversations(data)
+    assert (stats.kept, stats.skipped) == (8, 0)
     tok = train_tokenizer([chat_text(c.messages, tools=c.tools) for c in conversations] * 5, "char", 200)
-    for conversation in conversations:
-        assert render_chat(tok, conversation.messages, tools=conversation.tools).num_targets > 0
+    rendered = render_chat(tok, conversations[1].messages, tools=conversations[1].tools)
+    trained = tok.decode([i for i, m in zip(rendered.ids, rendered.loss_mask) if m])
+    assert trained == ('<tool_call>\n{"name": "price", "arguments": {"item": "tea"}}\n</tool_call><|im_end|>'
+                       "7<|im_end|>")
+    tok.save(tmp_path / "tok")
+    torch.manual_seed(0)
+    (tmp_path / "init").mkdir()
+    write_model_files(tmp_path / "init", Transformer(ModelConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=1024)), {"stage": "test"}, tokenizer_dir=tmp_path / "tok")
+    summary = run_sft(data, tmp_path / "init", tmp_path / "sft", TrainConfig(
+        max_steps=2, batch_size=2, seq_len=1023, warmup_steps=1, eval_interval=0, eval_batches=1, save_interval=0,
+        log_interval=1, progress=False), val_fraction=0.25)
+    assert summary["data"]["load"]["kept"] == 8 and summary["data"]["load"]["bad_roles"] == 0
+    assert summary["data"]["encode"]["dropped_too_long"] == 0 and summary["steps"] == 2
 
 
 @pytest.mark.parametrize("bad, message", [

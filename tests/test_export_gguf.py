@@ -21,6 +21,7 @@ from acornlm.tokenizer import train_tokenizer
 
 gguf = pytest.importorskip("gguf")
 from acornlm.export.gguf import export_gguf  # noqa: E402
+from acornlm.tokenizer.chat_template import CHAT_TEMPLATE  # noqa: E402
 from acornlm.tokenizer.special_tokens import CHAT_TOKENS  # noqa: E402
 
 WORDS = ("the king queen castle river stone green light night sword song walks speaks "
@@ -161,7 +162,7 @@ def test_metadata_and_tokenizer_match_the_checkpoint(variant, exported, checkpoi
     assert field(reader, keys.UNK_ID) is None  # byte-level BPE has no unknowns
     assert field(reader, keys.ADD_BOS) is False
     template = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
-    assert field(reader, "tokenizer.chat_template") == template
+    assert field(reader, "tokenizer.chat_template") == template == CHAT_TEMPLATE  # with tools and thinking
 
 
 # --- tensors ----------------------------------------------------------------------------------------

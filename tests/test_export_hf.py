@@ -143,6 +143,15 @@ def test_tokenizer_chat_template_and_model_card(tmp_path, tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
     assert tokenizer.apply_chat_template(messages, tokenize=False) == render_text(messages)
+    # the exported template is the one with tools and thinking
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    agentic = [{"role": "user", "content": "hello"},
+               {"role": "assistant", "content": "", "reasoning_content": "hm",
+                "tool_calls": [{"name": "f", "arguments": {"x": 1}}]},
+               {"role": "tool", "content": "2"}]
+    assert tokenizer.apply_chat_template(agentic, tools=tools, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=False) \
+        == render_text(agentic, tools, add_generation_prompt=True, enable_thinking=False)
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [0, 2]  # a chat model also stops at <|im_end|>
     card = (tmp_path / "hf" / "README.md").read_text()

@@ -27,7 +27,7 @@ def sft(data: str | None = None, init: str | None = None, out: str | None = None
     `acornlm eval tasks --ckpt OUT`.
 
     Args:
-        data: Chat data: a .jsonl/.json file, a folder of them, or several separated by commas. Formats: messages (OpenAI/TRL), minimind, sharegpt, alpaca (auto-detected).
+        data: Chat data: a .jsonl/.json file, a folder of them, or several separated by commas. Formats: messages (OpenAI/TRL), minimind, sharegpt, alpaca (auto-detected); tool calls, tool results, a "tools" list and reasoning (reasoning_content or <think>) are read and trained (see docs/agents.md).
         init: The pretrained checkpoint or run directory to start from (not needed with --resume).
         out: Run directory for checkpoints, metrics.jsonl and loss_curve.png.
         train: Optimisation, schedule, evaluation and checkpointing; train.seq_len is the longest example (in tokens, minus one).
