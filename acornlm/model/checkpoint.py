@@ -185,6 +185,16 @@ def write_model_files(directory: Path, model: Transformer, info: dict[str, Any] 
                 shutil.copyfile(src, directory / name)
 
 
+def read_weights(weights: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; CheckpointError naming the file when it is missing or corrupt."""
+    try:
+        return load_file(str(weights), device=str(device))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{weights} is missing") from exc
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{weights} is corrupt or unreadable: {exc}") from exc
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[Transformer, dict[str, Any]]:
     """Build the model of a checkpoint and load its safetensors weights; returns (model, config.json)."""
@@ -196,12 +206,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     with torch.device("meta"):  # no memory yet: shapes are checked against the file's header first
         model = Transformer(config)
     check_weight_shapes(model, shapes, weights, ckpt / CONFIG_FILE)
-    try:
-        state = load_file(str(weights), device=str(device))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{weights} is missing") from exc
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{weights} is corrupt or unreadable: {exc}") from exc
+    state = read_weights(weights, device)
     model = model.to_empty(device=device)
     model.init_rope()  # derived buffers are not in the file
     if config.tie_word_embeddings:

@@ -33,20 +33,21 @@ from acornlm.errors import ConfigError
 from acornlm.infer.sampling import SamplingParams
 from acornlm.model import Transformer
 from acornlm.model.lora import LoraConfig, base_model_view
-from acornlm.paths import as_path_list
 from acornlm.tokenizer import Tokenizer
 from acornlm.train import distributed
 from acornlm.train.config import TrainConfig
 from acornlm.train.losses import kl_k3, token_logprobs
 from acornlm.train.reward_model import RewardModel
-from acornlm.train.rewards import RewardRunner, load_reward_functions
+from acornlm.train.rewards import RewardRunner
 from acornlm.train.rollouts import (
     Rollouts,
     ToolEnvironment,
-    load_checked_reward_model,
+    data_label,
     reference_logprobs,
+    reward_runner,
     reward_spec,
     rl_prompts,
+    stage_reward_model,
     tool_environment,
     tool_totals,
 )
@@ -255,16 +256,13 @@ def run_grpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | 
     grpo = grpo or GRPOConfig()
     environment = tool_environment(tools, tasks, grpo.max_turns, grpo.tool_timeout)
     grpo = dataclasses.replace(grpo, reward=reward_spec(grpo.reward, reward_model))  # what runs, as recorded
-    functions, names = load_reward_functions(grpo.reward) if grpo.reward is not None else ([], [])
+    runner, names = reward_runner(grpo.reward)
     start = resolve_start(init, out, resume, lora, train_config)
     train_records, val_records, description = rl_prompts(data, tasks, num_prompts, val_data, val_fraction,
                                                          train_config.seed)
-    runner = RewardRunner(functions, names) if functions else None
     context, device = distributed.setup(train_config.device)
     try:
-        scorer = load_checked_reward_model(reward_model, start.tokenizer, device) if reward_model else None
-        reward_names = names + ([f"reward model {reward_model}"] if reward_model else [])
-        distributed.log(f"grpo data: {description}; rewards: {', '.join(reward_names)}", context)
+        scorer = stage_reward_model("grpo", reward_model, start.tokenizer, device, names, description, context)
         model = build_policy(start, train_config, context, "grpo")
         batches = GRPOBatches(model, start.tokenizer, train_records, val_records, runner, group_size=grpo.group_size,
                               batch_size=train_config.batch_size, max_new_tokens=grpo.max_new_tokens,
@@ -278,7 +276,7 @@ def run_grpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | 
             model, train_config, start.out_dir, batches, loss, context=context, device=device,
             tokenizer_dir=start.source, resume_from=start.checkpoint, write_model=start.write_model,
             checkpoint_info=start.checkpoint_info(
-                "grpo", data=[str(p) for p in as_path_list(data)] if data is not None else f"tasks:{tasks}",
+                "grpo", data=data_label(data, tasks),
                 grpo=dataclasses.asdict(grpo), reward_model=str(reward_model) if reward_model else None),
         )
         if grpo.kl_beta > 0 and start.lora.enabled:

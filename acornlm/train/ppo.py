@@ -45,17 +45,17 @@ from acornlm.errors import CheckpointError, ConfigError
 from acornlm.infer.sampling import SamplingParams
 from acornlm.model import Transformer
 from acornlm.model.lora import LoraConfig, base_model_view
-from acornlm.paths import as_path_list
 from acornlm.train import distributed
 from acornlm.train.config import TrainConfig
 from acornlm.train.losses import token_logprobs
-from acornlm.train.rewards import RewardRunner, load_reward_functions
 from acornlm.train.rollouts import (
     Rollouts,
-    load_checked_reward_model,
+    data_label,
     reference_logprobs,
+    reward_runner,
     reward_spec,
     rl_prompts,
+    stage_reward_model,
     tool_environment,
     tool_totals,
 )
@@ -382,16 +382,13 @@ def run_ppo(data: str | Path | Sequence[str | Path] | None, init: str | Path | N
     """
     ppo = ppo or PPOConfig()
     spec = reward_spec(rewards, reward_model)
-    functions, names = load_reward_functions(spec) if spec is not None else ([], [])
+    runner, names = reward_runner(spec)
     start = resolve_start(init, out, resume, lora, train_config)
     train_records, val_records, description = rl_prompts(data, tasks, num_prompts, val_data, val_fraction,
                                                          train_config.seed)
-    runner = RewardRunner(functions, names) if functions else None
     context, device = distributed.setup(train_config.device)
     try:
-        scorer = load_checked_reward_model(reward_model, start.tokenizer, device) if reward_model else None
-        reward_names = names + ([f"reward model {reward_model}"] if reward_model else [])
-        distributed.log(f"ppo data: {description}; rewards: {', '.join(reward_names)}", context)
+        scorer = stage_reward_model("ppo", reward_model, start.tokenizer, device, names, description, context)
         policy = build_policy(start, train_config, context, "ppo")
         model = PolicyWithValueHead(policy, load_value_head(start))
         batches = Rollouts(policy, start.tokenizer, train_records, val_records, runner, num_samples=ppo.num_samples,
@@ -407,7 +404,7 @@ def run_ppo(data: str | Path | Sequence[str | Path] | None, init: str | Path | N
             tokenizer_dir=start.source, resume_from=start.checkpoint,
             write_model=functools.partial(write_ppo_checkpoint, start.write_model),
             checkpoint_info=start.checkpoint_info(
-                "ppo", data=[str(p) for p in as_path_list(data)] if data is not None else f"tasks:{tasks}",
+                "ppo", data=data_label(data, tasks),
                 ppo=dataclasses.asdict(ppo), rewards=spec, reward_model=str(reward_model) if reward_model else None),
         )
         # the Trainer accelerates the module it gets; the policy's attention kernel is a Transformer's own setting

@@ -28,8 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from acornlm.data.preferences import pad_rows
@@ -41,6 +39,7 @@ from acornlm.model.checkpoint import (
     checkpoint_model_config,
     read_checkpoint_config,
     read_weight_shapes,
+    read_weights,
     resolve_checkpoint,
 )
 from acornlm.model.config import ModelConfig
@@ -179,12 +178,7 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> R
     with torch.device("meta"):
         model = RewardModel(config)
     check_weight_shapes(model, shapes, weights, ckpt / CONFIG_FILE)
-    try:
-        state = load_file(str(weights), device=str(device))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{weights} is missing") from exc
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{weights} is corrupt or unreadable: {exc}") from exc
+    state = read_weights(weights, device)
     model = model.to_empty(device=device)
     model.init_rope()  # derived buffers are not in the file
     try:

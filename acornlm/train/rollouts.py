@@ -50,7 +50,7 @@ from acornlm.tokenizer import Tokenizer
 from acornlm.train.distributed import DistributedContext, log
 from acornlm.train.losses import token_logprobs
 from acornlm.train.reward_model import RewardModel, check_reward_tokenizer, load_reward_model
-from acornlm.train.rewards import RewardRunner, task_reward
+from acornlm.train.rewards import RewardRunner, load_reward_functions, task_reward
 from acornlm.train.stage import example_indices
 
 
@@ -142,6 +142,26 @@ def reward_spec(spec: str | None, reward_model: str | Path | None) -> str | None
     if spec is not None:
         return spec
     return None if reward_model is not None else "task"
+
+
+def reward_runner(spec: str | None) -> tuple[RewardRunner | None, list[str]]:
+    """The runner of the reward functions named in `spec` (None when there are none), and their names."""
+    functions, names = load_reward_functions(spec) if spec is not None else ([], [])
+    return (RewardRunner(functions, names) if functions else None), names
+
+
+def stage_reward_model(stage: str, reward_model: str | Path | None, tokenizer: Tokenizer, device: torch.device | str,
+                       names: Sequence[str], description: str, context: DistributedContext) -> RewardModel | None:
+    """The checked reward model of an RL stage (None without one), after logging what the stage trains on."""
+    scorer = load_checked_reward_model(reward_model, tokenizer, device) if reward_model else None
+    reward_names = [*names, *([f"reward model {reward_model}"] if reward_model else [])]
+    log(f"{stage} data: {description}; rewards: {', '.join(reward_names)}", context)
+    return scorer
+
+
+def data_label(data: str | Path | Sequence[str | Path] | None, tasks: str | None) -> list[str] | str:
+    """What config.json records as a stage's data: the files, or the synthetic tasks."""
+    return [str(p) for p in as_path_list(data)] if data is not None else f"tasks:{tasks}"
 
 
 def load_checked_reward_model(path: str | Path, tokenizer: Tokenizer,
