@@ -62,8 +62,13 @@ def test_half_of_the_addition_answers_think():
     examples = make_agent_examples("add", 100, seed=1)
     thinking = [e for e in examples if e.messages[1]["reasoning_content"]]
     assert len(thinking) == 50
-    assert all(e.messages[1]["reasoning_content"] == "" for e in examples if e not in thinking)
-    assert examples[0].record()["enable_thinking"] is True
+    assert all(not e.messages[0]["content"].endswith("/no_think") for e in thinking)
+    direct = [e for e in examples if e not in thinking]  # asked "/no_think" (Qwen3's soft switch), answered at once
+    assert all(e.messages[1]["reasoning_content"] == "" and e.messages[0]["content"].endswith(" /no_think")
+               for e in direct)
+    on, off = examples[0].record(), examples[0].record(thinking=False)
+    assert on["enable_thinking"] is True and on["messages"][0]["content"] == examples[0].prompt
+    assert off["enable_thinking"] is False and off["messages"][0]["content"] == examples[0].prompt + " /no_think"
 
 
 def test_rewards_and_call_checks_read_the_final_answer():

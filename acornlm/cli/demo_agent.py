@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -42,22 +43,30 @@ from acornlm.train.trainer import seed_everything
 
 # Shares of the budget per training stage; the evaluations take the rest (about a fifth).
 SHARES = {"sft": 0.45, "grpo": 0.12, "reward": 0.06, "ppo": 0.08, "grpo_rm": 0.08}
+DIGIT = re.compile(r"\d")
 RUNS = ("base", "sft", "grpo", "reward", "ppo", "grpo-rm")
-VOCAB_SIZE = 2048
-SFT_EXAMPLES = 6000     # per task; more than the budget's steps see, so no example repeats much
+VOCAB_SIZE = 512  # the task chats hold little else: no digit merges, ~630 tokens at most
+# per task: price is learned fast (a format and a copy), addition needs the data
+SFT_EXAMPLES = {"price": 3000, "add": 9000}
 SEQ_LEN = 256           # a price chat: ~170 tokens of tools in the system turn, then the question and turns
 MAX_NEW_TOKENS = 72     # a scratchpad of four lines, then the answer
 
 
 def ensure_agent_tokenizer(out_dir: Path) -> Tokenizer:
-    """A BPE tokenizer trained on the task chats (reused when OUT/tokenizer has the chat tokens)."""
+    """A BPE tokenizer trained on the task chats (reused when OUT/tokenizer has the chat tokens).
+
+    It never merges two digits: it learns from the chats with a space after every digit, so "487"
+    is read as 4, 8, 7 (as LLaMA's tokenizer splits numbers). Column addition and copying a price
+    need the digits one by one; a token "487" would hide them.
+    """
     tok_dir = out_dir / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(tok_dir)
-        if not tokenizer.missing_chat_tokens and tokenizer.vocab_size == VOCAB_SIZE:
+        if not tokenizer.missing_chat_tokens and tokenizer.vocab_size == VOCAB_SIZE \
+                and len(tokenizer.encode("487")) == 3:
             say(f"      reusing {tok_dir}")
             return tokenizer
-    texts = [chat_text(e.messages, tools=e.tools) for task in ("price", "add")
+    texts = [DIGIT.sub(r"\g<0> ", chat_text(e.messages, tools=e.tools)) for task in ("price", "add")
              for e in make_agent_examples(task, 2000, seed=1)]
     tokenizer = train_tokenizer(texts, "bpe", VOCAB_SIZE)
     tokenizer.save(tok_dir)
@@ -88,7 +97,7 @@ def base_model(out_dir: Path, init: str | None, preset: str, seed: int) -> tuple
 def write_sft_data(path: Path, seed: int) -> Path:
     """Tool-use chats (price) and addition chats, half of them thinking, in the OpenAI messages format."""
     rows = [{"messages": e.messages, **({"tools": e.tools} if e.tools else {})}
-            for task in ("price", "add") for e in make_agent_examples(task, SFT_EXAMPLES, seed)]
+            for task in ("price", "add") for e in make_agent_examples(task, SFT_EXAMPLES[task], seed)]
     random.Random(seed).shuffle(rows)
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return path

@@ -18,10 +18,11 @@ Tasks:
             price({"item": "kiwi"}), read the tool's answer and repeat it ("37 coins."). Scored by
             the call's validity (it parses, names `price`, asks for the right item) and the answer.
     add     "What is 487 + 356?" with a column-by-column scratchpad as the reasoning
-            ("7 + 6 = 13, write 3, carry 1" ...). Half the training answers think, half carry an
-            empty think block, so one model can be asked with thinking on (the prompt opens
-            <think>) or off (the prompt closes an empty block): accuracy on against off measures
-            what thinking buys.
+            ("7 + 6 = 13, write 3, carry 1" ...). Half the training questions are asked plainly
+            and answered with the scratchpad; the other half end with "/no_think" (Qwen3's soft
+            switch) and are answered at once, after an empty think block. So one model can be
+            asked with thinking on (a plain question, the prompt opens <think>) or off ("/no_think",
+            the prompt closes an empty block): accuracy on against off measures what thinking buys.
 
 Held-out split: as acornlm.data.tasks, by a hash of the prompt (for `price`, of the question and
 its price list), so evaluation asks questions training never saw.
@@ -48,6 +49,7 @@ PRICE_TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"item": {"type": "string", "description": "the item"}},
                    "required": ["item"], "additionalProperties": False}}}
 NUMBER = re.compile(r"-?\d+")
+NO_THINK = "/no_think"  # Qwen3's soft switch: answer without thinking
 
 
 @dataclass(frozen=True)
@@ -64,14 +66,18 @@ class AgentExample:
     def prompt_messages(self) -> list[dict[str, Any]]:
         return [{"role": "user", "content": self.prompt}]
 
-    def record(self) -> dict[str, Any]:
-        """The prompt record RL stages and evaluation read (acornlm.data.prompts' shape, plus tools)."""
+    def record(self, thinking: bool = True) -> dict[str, Any]:
+        """The prompt record RL stages and evaluation read (acornlm.data.prompts' shape, plus tools).
+        For `add`, `thinking` chooses the mode: on (the prompt opens <think>) or off ("/no_think"
+        and an empty think block)."""
         record = {"messages": self.prompt_messages(), "prompt": self.prompt, "answer": self.answer,
                   "task": self.task, **self.extra}
         if self.tools:
             record["tools"] = self.tools
         if self.task == "add":
-            record["enable_thinking"] = True
+            record["enable_thinking"] = thinking
+            if not thinking:
+                record["messages"] = [{"role": "user", "content": f"{self.prompt} {NO_THINK}"}]
         return record
 
 
@@ -112,8 +118,8 @@ def make_add(rng: random.Random, index: int) -> AgentExample:
     a, b = rng.randint(100, 999), rng.randint(100, 999)
     prompt = f"What is {a} + {b}?"
     answer = str(a + b)
-    thinking = index % 2 == 0  # half think, half answer at once (an empty think block)
-    messages = [{"role": "user", "content": prompt},
+    thinking = index % 2 == 0  # half think; half are asked "/no_think" and answer at once (an empty block)
+    messages = [{"role": "user", "content": prompt if thinking else f"{prompt} {NO_THINK}"},
                 {"role": "assistant", "content": answer,
                  "reasoning_content": addition_scratchpad(a, b) if thinking else ""}]
     return AgentExample("add", prompt, answer, messages)

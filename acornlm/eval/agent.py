@@ -10,10 +10,10 @@ price: each question is played out as a conversation (acornlm.infer.agent.rollou
 most `max_turns` turns) against its own price list. Three shares of the questions:
     tool_call_valid   the first reply holds tool calls that parse and fit the tool's schema
     tool_call_right   ... and is exactly one call of `price` for the item asked about
-    accuracy          the final answer holds the right price
+    accuracy          the final answer holds the right price (after a tool call: no lucky guesses)
 add: the same questions asked twice, with thinking on (the prompt opens <think>, the model writes
-its scratchpad) and off (the prompt closes an empty think block): accuracy in each mode, and how
-many tokens the replies took on average.
+its scratchpad) and off (the question ends with "/no_think" and the prompt closes an empty think
+block): accuracy in each mode, and how many tokens the replies took on average.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from acornlm.data.agent_tasks import AGENT_FUNCTIONS, answer_correct, make_agent_examples
+from acornlm.data.agent_tasks import AGENT_FUNCTIONS, AgentExample, answer_correct, make_agent_examples
 from acornlm.errors import ConfigError
 from acornlm.infer.agent import Trajectory, rollout_group
 from acornlm.infer.sampling import SamplingParams
@@ -47,32 +47,34 @@ def first_call_checks(record: dict[str, Any], trajectory: Trajectory) -> tuple[b
     return bool(calls), right
 
 
-def evaluate_price(model: Transformer, tokenizer: Tokenizer, records: Sequence[dict[str, Any]],
+def evaluate_price(model: Transformer, tokenizer: Tokenizer, examples: Sequence[AgentExample],
                    max_new_tokens: int = 48) -> dict[str, Any]:
     valid = right = correct = errors = 0
-    for record in records:
+    for example in examples:
+        record = example.record()
         trajectory = play(model, tokenizer, record, max_new_tokens=max_new_tokens)
         is_valid, is_right = first_call_checks(record, trajectory)
         valid, right = valid + is_valid, right + is_right
         correct += answer_correct(record, trajectory.reply.content) and trajectory.stats["valid_calls"] > 0
         errors += trajectory.stats["tool_errors"] + trajectory.stats["timeouts"]
-    n = len(records)
+    n = len(examples)
     return {"n": n, "tool_call_valid": valid / n, "tool_call_right": right / n, "accuracy": correct / n,
             "tool_errors": errors}
 
 
-def evaluate_add(model: Transformer, tokenizer: Tokenizer, records: Sequence[dict[str, Any]],
+def evaluate_add(model: Transformer, tokenizer: Tokenizer, examples: Sequence[AgentExample],
                  max_new_tokens: int = 96) -> dict[str, Any]:
-    figures: dict[str, Any] = {"n": len(records)}
+    figures: dict[str, Any] = {"n": len(examples)}
     for mode, thinking in (("thinking", True), ("no_thinking", False)):
         correct = tokens = 0
-        for record in records:
+        for example in examples:
+            record = example.record(thinking)
             trajectory = play(model, tokenizer, record, max_new_tokens=max_new_tokens, enable_thinking=thinking,
                               max_turns=1)
             correct += answer_correct(record, trajectory.reply.content)
             tokens += trajectory.num_generated
-        figures[f"accuracy_{mode}"] = correct / len(records)
-        figures[f"reply_tokens_{mode}"] = tokens / len(records)
+        figures[f"accuracy_{mode}"] = correct / len(examples)
+        figures[f"reply_tokens_{mode}"] = tokens / len(examples)
     return figures
 
 
@@ -93,8 +95,7 @@ def evaluate_agent(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[str
     was_training = model.training
     model.eval()
     try:
-        return {task: EVALUATORS[task](model, tokenizer, [e.record() for e in
-                                                          make_agent_examples(task, n, seed, "heldout")])
+        return {task: EVALUATORS[task](model, tokenizer, make_agent_examples(task, n, seed, "heldout"))
                 for task in tasks}
     finally:
         model.train(was_training)

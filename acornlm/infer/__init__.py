@@ -4,6 +4,8 @@
     generate.py    the decoding loop: one prefill, then one token per step through the KV cache
     streaming.py   token ids -> text pieces that never split a character or leak a stop string
     api.py         LanguageModel (what `acornlm.load(dir)` returns): generate() and stream()
+    tools.py       Python functions as tools: their JSON schema, and calling one with a timeout
+    agent.py       multi-turn rollouts: the model calls tools, acornlm runs them, the model goes on
 """
 
 from acornlm.infer.api import LanguageModel

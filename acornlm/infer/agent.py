@@ -71,7 +71,7 @@ from acornlm.infer.sampling import SamplingParams
 from acornlm.infer.tools import ToolResult, call_tool, function_schema
 from acornlm.model import Transformer
 from acornlm.tokenizer import Tokenizer
-from acornlm.tokenizer.chat_template import EMPTY_THINK
+from acornlm.tokenizer.chat_template import GENERATION_THINKING
 from acornlm.tokenizer.special_tokens import (
     IM_END_TOKEN,
     IM_START_TOKEN,
@@ -127,7 +127,7 @@ def turn_seed(seed: int | None, turn: int, row: int) -> int | None:
 
 def generation_prompt(enable_thinking: bool | None) -> str:
     """What the template renders to open an assistant turn (render_prompt's last characters)."""
-    return f"{IM_START_TOKEN}assistant\n" + (EMPTY_THINK if enable_thinking is False else "")
+    return f"{IM_START_TOKEN}assistant\n" + GENERATION_THINKING[enable_thinking]
 
 
 def tool_turn_text(responses: Sequence[str], enable_thinking: bool | None) -> str:
@@ -231,7 +231,8 @@ def rollout_group(model: Transformer, tokenizer: Tokenizer, messages: Sequence[d
         raise ConfigError(f"the prompt has {len(prompt_ids)} tokens, leaving no room to answer within "
                           f"{limit} (max_total_tokens / the model's context); drop or shorten it")
     stop_ids = {IM_END_ID, tokenizer.eot_id, *params.stop_token_ids}
-    reply_prefix = EMPTY_THINK if enable_thinking is False else ""  # already in the prompt, part of the reply
+    # what the prompt already opened (an empty think block, or "<think>\n"): part of the reply it continues
+    reply_prefix = GENERATION_THINKING[enable_thinking]
 
     group = [Trajectory(ids=list(prompt_ids), prompt_length=len(prompt_ids), generated=[0] * len(prompt_ids),
                         messages=[dict(m) for m in messages], reply=Reply(""))

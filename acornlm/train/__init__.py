@@ -10,8 +10,13 @@
     checkpointing.py  atomic checkpoints, `latest` / `best` pointers, train_state.pt
     metrics.py        metrics.jsonl, TensorBoard / wandb, the loss-curve PNG
     mfu.py            model FLOPs utilisation against a measured matmul peak
+    losses.py         the shared losses, each named by its formula
+    stage.py          what every fine-tuning stage stands on (start, policy, reference, metrics)
+    sft.py, dpo.py, distill.py                 the supervised and preference stages
+    reward_model.py, reward.py                 a scalar-head reward model and its Bradley-Terry stage
+    rollouts.py, rewards.py, grpo.py, ppo.py   online RL: sampling (with tools), rewards, GRPO and PPO
 
-A new stage (SFT, DPO, LoRA) supplies a batch source and a loss function and reuses the Trainer.
+A new stage supplies a batch source and a loss function and reuses the Trainer.
 """
 
 from acornlm.train.config import TrainConfig
