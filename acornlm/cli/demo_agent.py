@@ -49,6 +49,8 @@ VOCAB_SIZE = 512  # the task chats hold little else: no digit merges, ~630 token
 # per task: price is learned fast (a format and a copy), addition needs the data
 SFT_EXAMPLES = {"price": 3000, "add": 9000}
 SEQ_LEN = 256           # a price chat: ~170 tokens of tools in the system turn, then the question and turns
+PAIRS = 2000            # reward-model pairs; 10% held out
+RL_EVAL_PROMPTS = 64    # held-out prompts whose greedy answers the reward model scores after PPO / GRPO
 MAX_NEW_TOKENS = 72     # a scratchpad of four lines, then the answer
 
 
@@ -213,17 +215,20 @@ def demo_agent(out: str = "runs/demo-agent", minutes: float = 20.0, init: str | 
     figures["grpo"] = evaluate("after GRPO", out_dir / "grpo", ["price", "add"], n, seed)
 
     say(f"[5/7] a reward model: answers must agree with their scratchpad ({stage_minutes['reward']:.1f} min)")
-    pairs = write_preference_pairs(out_dir / "pairs.jsonl", 2000, seed)
-    reward_train = stage_train(seq_len, stage_minutes["reward"], batch_size=16, learning_rate=3e-4, min_lr=3e-5,
+    pairs = write_preference_pairs(out_dir / "pairs.jsonl", PAIRS, seed)
+    # the held-out 10% of the pairs, every one of them scored: batches of 8, as many as there are
+    held_out = PAIRS // 10
+    reward_train = stage_train(seq_len, stage_minutes["reward"], batch_size=8, eval_batches=held_out // 8,
+                               learning_rate=3e-4, min_lr=3e-5,
                                warmup_steps=10, device=device, seed=seed)
     reward = timed("reward", run_reward, pairs, out_dir / "sft", out_dir / "reward", reward_train, val_fraction=0.1)
     figures["reward_model"] = {"val_pair_accuracy": reward.get("val_reward_accuracy"), "steps": reward["steps"],
-                               "held_out_pairs": 200}
+                               "held_out_pairs": held_out}
     say(f"      {reward['steps']} steps, held-out pair accuracy {reward.get('val_reward_accuracy', float('nan')):.3f}")
 
     say(f"[6/7] PPO and GRPO on the reward model, from the same SFT model, {stage_minutes['ppo']:.1f} min each")
     rl_train = stage_train(seq_len, stage_minutes["ppo"], learning_rate=2e-5, min_lr=2e-5, device=device, seed=seed,
-                           eval_batches=4)
+                           eval_batches=RL_EVAL_PROMPTS // 8)
     ppo = timed("ppo", run_ppo, None, out_dir / "sft", out_dir / "ppo", rl_train, tasks="add", num_prompts=400,
                 reward_model=out_dir / "reward",
                 ppo=PPOConfig(num_samples=8, max_new_tokens=MAX_NEW_TOKENS, kl_coef=0.02))
@@ -233,6 +238,7 @@ def demo_agent(out: str = "runs/demo-agent", minutes: float = 20.0, init: str | 
     figures["rlhf"] = {}
     for name, summary, run in (("ppo", ppo, "ppo"), ("grpo", grpo_rm, "grpo-rm")):
         figures["rlhf"][name] = {"steps": summary["steps"], "val_reward": summary.get("val_reward"),
+                                 "val_prompts": RL_EVAL_PROMPTS,
                                  "add": evaluate(f"after {name.upper()} on the reward model", out_dir / run,
                                                  ["add"], n, seed)["add"]}
 
@@ -258,9 +264,11 @@ def summary_markdown(figures: dict[str, Any]) -> str:
                      f"{a['accuracy_thinking']:.2f} | {a['accuracy_no_thinking']:.2f} |")
     rm = figures["reward_model"]
     accuracy = rm["val_pair_accuracy"]
-    lines += ["", f"Reward model: held-out pair accuracy {accuracy:.3f} ({rm['steps']} steps)." if accuracy is not None
+    lines += ["", f"Reward model: held-out pair accuracy {accuracy:.3f} on {rm['held_out_pairs']} pairs "
+              f"({rm['steps']} steps)." if accuracy is not None
               else "Reward model: no held-out accuracy logged.", "",
-              "| RLHF from the SFT model, same minutes | steps | held-out reward | add: thinking | add: no thinking |",
+              "| RLHF from the SFT model, same minutes | steps | held-out reward (reward model, "
+              f"{RL_EVAL_PROMPTS} prompts) | add: thinking | add: no thinking |",
               "|---|---|---|---|---|"]
     for name in ("ppo", "grpo"):
         run = figures["rlhf"][name]
