@@ -54,8 +54,9 @@ def test_demo_agent_runs_every_stage_and_writes_its_figures(tiny_init, tmp_path,
 
 def test_evaluation_counts_a_scripted_perfect_tool_user(tmp_path):
     """A policy that calls the tool right and repeats its answer scores 1 on every price figure."""
-    from acornlm.tokenizer import train_tokenizer
     from scripted_policy import ScriptedPolicy
+
+    from acornlm.tokenizer import train_tokenizer
 
     examples = make_agent_examples("price", 30, seed=0)
     tokenizer = train_tokenizer([chat_text(e.messages, tools=e.tools) for e in examples], "bpe", 400)
