@@ -346,6 +346,19 @@ class PairStats:
                 f"{self.dropped_too_long:,} pairs dropped (prompt longer than the context)")
 
 
+def encode_pair_splits(tokenizer: Tokenizer, train_pairs: Sequence[PreferencePair], val_pairs: Sequence[PreferencePair],
+                       max_tokens: int, seq_len: int) -> tuple[list[EncodedPair], list[EncodedPair], PairStats]:
+    """(train, validation, what encoding the training pairs kept and cut); DataError when either split
+    has no pair that fits `max_tokens` (derived from train.seq_len, named in the message)."""
+    stats = PairStats()
+    train = encode_pairs(tokenizer, train_pairs, max_tokens, stats)
+    val = encode_pairs(tokenizer, val_pairs, max_tokens)
+    if not train or not val:
+        raise DataError(f"no preference pair fits train.seq_len={seq_len} ({stats.summary()}); "
+                        "raise train.seq_len or use shorter prompts")
+    return train, val, stats
+
+
 def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[PreferencePair], max_tokens: int,
                  stats: PairStats | None = None) -> list[EncodedPair]:
     """Token ids and answer masks of every pair, answers cut to `max_tokens`, too-long prompts dropped."""

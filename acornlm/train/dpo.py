@@ -40,12 +40,11 @@ from torch import nn
 
 from acornlm.data.preferences import (
     EncodedPair,
-    PairStats,
     collate_sequences,
     dpo_pairs,
-    encode_pairs,
+    encode_pair_splits,
 )
-from acornlm.errors import ConfigError, DataError
+from acornlm.errors import ConfigError
 from acornlm.model.lora import (
     LoraConfig,
     base_model_view,
@@ -292,12 +291,8 @@ def run_dpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | N
     train_pairs, val_pairs, description = dpo_pairs(data, tasks, num_pairs, val_data, val_fraction, data_format,
                                                     on_identical, train_config.seed)
     max_tokens = train_config.seq_len + 1  # a row's last token is only a target
-    stats = PairStats()
-    train_encoded = encode_pairs(start.tokenizer, train_pairs, max_tokens, stats)
-    val_encoded = encode_pairs(start.tokenizer, val_pairs, max_tokens)
-    if not train_encoded or not val_encoded:
-        raise DataError(f"no preference pair fits train.seq_len={train_config.seq_len} ({stats.summary()}); "
-                        "raise train.seq_len or use shorter prompts")
+    train_encoded, val_encoded, stats = encode_pair_splits(start.tokenizer, train_pairs, val_pairs, max_tokens,
+                                                           train_config.seq_len)
     average = dpo.loss_type == "ipo"
 
     context, device = distributed.setup(train_config.device)

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from acornlm.data.preferences import EncodedPair, PairStats, dpo_pairs, encode_pairs, pad_rows
-from acornlm.errors import ConfigError, DataError
+from acornlm.data.preferences import EncodedPair, dpo_pairs, encode_pair_splits, pad_rows
+from acornlm.errors import ConfigError
 from acornlm.model.checkpoint import write_model_files
 from acornlm.model.lora import LoraConfig, parameter_counts
 from acornlm.paths import as_path_list
@@ -167,12 +167,8 @@ def run_reward(data: str | Path | Sequence[str | Path] | None, init: str | Path 
     train_pairs, val_pairs, description = dpo_pairs(data, tasks, num_pairs, val_data, val_fraction, data_format,
                                                     on_identical, train_config.seed)
     max_tokens = train_config.seq_len  # whole sequences: no token is only a target here
-    stats = PairStats()
-    train_encoded = encode_pairs(start.tokenizer, train_pairs, max_tokens, stats)
-    val_encoded = encode_pairs(start.tokenizer, val_pairs, max_tokens)
-    if not train_encoded or not val_encoded:
-        raise DataError(f"no preference pair fits train.seq_len={train_config.seq_len} ({stats.summary()}); "
-                        "raise train.seq_len or use shorter prompts")
+    train_encoded, val_encoded, stats = encode_pair_splits(start.tokenizer, train_pairs, val_pairs, max_tokens,
+                                                           train_config.seq_len)
 
     context, device = distributed.setup(train_config.device)
     try:
