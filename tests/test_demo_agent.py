@@ -75,3 +75,22 @@ def test_evaluation_counts_a_scripted_perfect_tool_user(tmp_path):
         assert first_call_checks(record, trajectory) == (True, True)
     figures = evaluate_agent(policy, tokenizer, ["price"], n=3)["price"]
     assert (figures["tool_call_valid"], figures["tool_call_right"], figures["accuracy"]) == (1.0, 1.0, 1.0)
+
+
+def test_eval_agent_command_writes_its_figures_and_refuses_bad_input(tiny_init, tmp_path, capsys):
+    from acornlm.cli import main
+    from acornlm.cli.demo_agent import demo_agent
+    from acornlm.cli.evaluate import agent
+    from acornlm.errors import ConfigError
+
+    out = tmp_path / "agent.json"
+    main(["eval", "agent", "--ckpt", str(tiny_init), "--n", "1", "--out", str(out)])
+    figures = json.loads(out.read_text())
+    assert figures["price"]["n"] == 1 and "accuracy_thinking" in figures["add"]
+    assert json.loads(capsys.readouterr().out) == figures
+    with pytest.raises(ConfigError, match="needs tasks among price, add"):
+        agent(ckpt=str(tiny_init), tasks="juggle", n=1)
+    with pytest.raises(ConfigError, match="--ckpt is required"):
+        agent(ckpt=None)
+    with pytest.raises(ConfigError, match="--minutes must be > 0"):
+        demo_agent(out=str(tmp_path / "d"), minutes=0)

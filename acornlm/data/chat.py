@@ -36,7 +36,7 @@ from typing import Any
 
 from acornlm.errors import ConfigError, DataError
 from acornlm.tokenizer import Tokenizer
-from acornlm.tokenizer.chat_template import render_segments
+from acornlm.tokenizer.chat_template import Segment, render_segments
 from acornlm.tokenizer.special_tokens import (
     CHAT_TOKENS,
     IM_END_TOKEN,
@@ -183,10 +183,11 @@ def thinking_tokens_problem(tokenizer: Tokenizer, messages: Sequence[Message], t
             f"{', '.join(missing)}: {ADD_CHAT_TOKENS_HINT}")
 
 
-def assistant_spans(messages: Sequence[Message], tools: Tools | None = None) -> list[tuple[int, int]]:
-    """Character spans [start, end) of each assistant turn's body + its <|im_end|> in `chat_text(messages)`."""
+def trained_spans(segments: Sequence[Segment]) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the trained segments (each assistant turn's body + its
+    <|im_end|>) in the text the segments join to."""
     spans, position = [], 0
-    for segment in render_segments(messages, tools):
+    for segment in segments:
         if segment.trained:
             spans.append((position, position + len(segment.text)))
         position += len(segment.text)
@@ -210,7 +211,7 @@ def render_chat(tokenizer: Tokenizer, messages: Sequence[Message], add_generatio
     segments = render_segments(messages, tools, add_generation_prompt, enable_thinking)
     text = "".join(segment.text for segment in segments)
     encoding = tokenizer.backend.encode(text, add_special_tokens=False)
-    spans = assistant_spans(messages, tools)
+    spans = trained_spans(segments)
     mask = [int(any(start < span_end and end > span_start for span_start, span_end in spans))
             for start, end in encoding.offsets]
     return RenderedChat(ids=list(encoding.ids), loss_mask=mask)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from acornlm.data.agent_tasks import AGENT_FUNCTIONS, AgentExample, answer_correct, make_agent_examples
+from acornlm.data.chat import ADD_CHAT_TOKENS_HINT
 from acornlm.errors import ConfigError
 from acornlm.infer.agent import Trajectory, rollout_group
 from acornlm.infer.sampling import SamplingParams
@@ -90,8 +91,7 @@ def evaluate_agent(model: Transformer, tokenizer: Tokenizer, tasks: Sequence[str
                           f"got {list(tasks)} and n={n}")
     missing = tokenizer.missing_chat_tokens
     if missing:
-        raise ConfigError(f"the tokenizer lacks the chat tokens {', '.join(missing)}: add them with "
-                          "`acornlm tokenizer add-chat-tokens` and fine-tune first")
+        raise ConfigError(f"the tokenizer lacks the chat tokens {', '.join(missing)}: {ADD_CHAT_TOKENS_HINT}")
     was_training = model.training
     model.eval()
     try:

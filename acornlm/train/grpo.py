@@ -47,9 +47,11 @@ from acornlm.train.rollouts import (
     reward_runner,
     reward_spec,
     rl_prompts,
+    rollout_metrics,
     stage_reward_model,
     tool_environment,
     tool_totals,
+    validation_loss,
 )
 from acornlm.train.stage import (
     MeanMetrics,
@@ -170,21 +172,14 @@ class GRPOLoss:
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "eval_rewards" in batch:
-            mean_reward = batch["eval_rewards"].mean()
-            extra = {"task_accuracy": batch["eval_task_accuracy"]} if "eval_task_accuracy" in batch else {}
-            self.metrics.add(False, {"reward": mean_reward, **extra})
-            return -mean_reward
+            return validation_loss(self.metrics, batch)
         logprobs = token_logprobs(model(batch["input_ids"]), batch["targets"])
         reference = self.reference_logprobs(batch) if self.kl_beta > 0 else None
         # one update per sampled group: pi_old is the current policy, without gradient
         out = grpo_loss(logprobs, logprobs.detach(), batch["advantages"], batch["mask"], self.clip_eps,
                         reference, self.kl_beta)
-        rewards = batch["rewards"]
-        self.metrics.add(model.training, {
-            "reward": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else 0.0,
-            "kl": out.kl, "clipped_fraction": out.clipped_fraction,
-            "completion_length": batch["completion_lengths"].mean(),
-        })
+        self.metrics.add(model.training, {**rollout_metrics(batch), "kl": out.kl,
+                                          "clipped_fraction": out.clipped_fraction})
         self.metrics.add_total(model.training, {"reward_errors": batch["reward_errors"], **tool_totals(batch)})
         return out.loss
 

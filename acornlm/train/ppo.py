@@ -55,9 +55,11 @@ from acornlm.train.rollouts import (
     reward_runner,
     reward_spec,
     rl_prompts,
+    rollout_metrics,
     stage_reward_model,
     tool_environment,
     tool_totals,
+    validation_loss,
 )
 from acornlm.train.stage import (
     MeanMetrics,
@@ -274,10 +276,7 @@ class PPOLoss:
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "eval_rewards" in batch:
-            mean_reward = batch["eval_rewards"].mean()
-            extra = {"task_accuracy": batch["eval_task_accuracy"]} if "eval_task_accuracy" in batch else {}
-            self.metrics.add(False, {"reward": mean_reward, **extra})
-            return -mean_reward
+            return validation_loss(self.metrics, batch)
         c, mask = self.config, batch["mask"]
         logits, values = model(batch["input_ids"])
         logprobs = token_logprobs(logits, batch["targets"])
@@ -293,14 +292,12 @@ class PPOLoss:
         advantages, returns = gae_advantages(rewards, old_values, mask, c.gamma, c.lam)
         policy_loss, clipped = ppo_policy_loss(logprobs, old_logprobs, whiten(advantages, mask), mask, c.clip)
         value_loss, value_clipped = ppo_value_loss(values, old_values, returns, mask, c.value_clip)
-        scores = batch["rewards"]
         self.metrics.add(model.training, {
-            "reward": scores.mean(), "reward_std": scores.std() if scores.numel() > 1 else 0.0,
-            "kl": masked_mean(old_logprobs - ref_logprobs, mask),  # per token, log pi - log pi_ref
+            **rollout_metrics(batch), "kl": masked_mean(old_logprobs - ref_logprobs, mask),  # per token, log pi - log pi_ref
             "policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(),
             "clipped_fraction": clipped, "value_clipped_fraction": value_clipped,
             "explained_variance": explained_variance(old_values, returns, mask),
-            "value": masked_mean(old_values, mask), "completion_length": batch["completion_lengths"].mean(),
+            "value": masked_mean(old_values, mask),
         })
         self.metrics.add_total(model.training, {"reward_errors": batch["reward_errors"], **tool_totals(batch)})
         return policy_loss + c.vf_coef * value_loss

@@ -51,7 +51,7 @@ from acornlm.train.distributed import DistributedContext, log
 from acornlm.train.losses import token_logprobs
 from acornlm.train.reward_model import RewardModel, check_reward_tokenizer, load_reward_model
 from acornlm.train.rewards import RewardRunner, load_reward_functions, task_reward
-from acornlm.train.stage import example_indices
+from acornlm.train.stage import MeanMetrics, example_indices
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,22 @@ def answer_text(text: str, record: dict[str, Any]) -> str:
     if record.get("enable_thinking") is True:
         return parse_reply(text, in_thinking=True).content
     return text
+
+
+def validation_loss(metrics: MeanMetrics, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """An RL stage's validation on an `eval_batch`: logs the mean reward of the greedy answers (and
+    the task accuracy, for synthetic tasks) and returns minus the reward as the "loss"."""
+    mean_reward = batch["eval_rewards"].mean()
+    extra = {"task_accuracy": batch["eval_task_accuracy"]} if "eval_task_accuracy" in batch else {}
+    metrics.add(False, {"reward": mean_reward, **extra})
+    return -mean_reward
+
+
+def rollout_metrics(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:
+    """The numbers every RL stage logs about its samples: mean and spread of the rewards, length."""
+    rewards = batch["rewards"]
+    return {"reward": rewards.mean(), "reward_std": rewards.std() if rewards.numel() > 1 else 0.0,
+            "completion_length": batch["completion_lengths"].mean()}
 
 
 def tool_totals(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
