@@ -38,9 +38,16 @@ class TrainConfig:
         device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N" or "mps".
         dtype: "auto" (bf16 autocast on CUDA when supported, fp16 with a GradScaler otherwise, fp32 on CPU), "float32", "bfloat16" or "float16".
         compile: Compile the model with torch.compile (pays on GPUs; on a CPU eager fp32 training is as fast or faster, see benchmarks/README.md).
+        parallel: How several processes (torchrun) share the work. "ddp": every rank holds the whole model, gradients and optimizer state, and gradients are averaged. "fsdp": FSDP2 shards weights, gradients and optimizer state across ranks (fully_shard per block, then the root), and checkpoints are sharded with torch.distributed.checkpoint.
+        fsdp_cpu_offload: With parallel=fsdp, keep the sharded weights, gradients and optimizer state in CPU memory and move them to the GPU per block (slower; fits larger models).
+        activation_checkpointing: Recompute activations in the backward pass instead of storing them. "none"; "full": keep only each block's input and recompute the whole block; "selective": recompute every second block (about half the activation memory for a third of the extra compute).
+        optimizer: "adamw" for every weight, or "muon": Muon (orthogonalised momentum) for the hidden matrices, AdamW for the embeddings, norms, biases and output head (as nanochat does).
+        muon_lr: Peak learning rate of the Muon-trained matrices (the schedule scales it like learning_rate).
+        async_checkpoint: With parallel=fsdp, write sharded checkpoints in the background (torch.distributed.checkpoint.async_save) while training goes on.
         max_bad_steps: Steps in a row that may be skipped for a NaN/inf loss or gradient norm (each is counted in metrics); one more stops the run with an error, leaving the last checkpoint intact.
         tensorboard: Also write TensorBoard event files in the run directory (needs the tensorboard extra).
         wandb: Also log to Weights & Biases in offline mode (needs the wandb extra).
+        swanlab: Also log to SwanLab in local mode, under RUN/swanlog (needs the swanlab extra).
         progress: Show a progress bar.
     """
 
@@ -66,9 +73,16 @@ class TrainConfig:
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = False
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    fsdp_cpu_offload: bool = False
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = 0.02
+    async_checkpoint: bool = False
     max_bad_steps: int = 5
     tensorboard: bool = False
     wandb: bool = False
+    swanlab: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -89,6 +103,13 @@ class TrainConfig:
         if not 0 <= self.min_lr <= self.learning_rate:
             raise ConfigError(
                 f"train.min_lr={self.min_lr} must be between 0 and train.learning_rate={self.learning_rate}")
+        choices = {"parallel": ("ddp", "fsdp"), "activation_checkpointing": ("none", "full", "selective"),
+                   "optimizer": ("adamw", "muon")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"train.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.muon_lr <= 0:
+            raise ConfigError(f"train.muon_lr must be > 0, got {self.muon_lr}")
         if self.max_minutes < 0:
             raise ConfigError(f"train.max_minutes must be >= 0, got {self.max_minutes}")
 
