@@ -21,6 +21,7 @@ class TrainConfig:
         batch_size: Sequences per micro-batch on each process.
         seq_len: Tokens per sequence (the context length trained on).
         grad_accum_steps: Micro-batches accumulated per optimizer step. Global batch = batch_size x grad_accum_steps x world size.
+        global_batch_size: Sequences per optimizer step over all processes; 0 = batch_size x grad_accum_steps x world size. When set, grad_accum_steps is derived from it (global_batch_size / (batch_size x world size)), so the same run keeps its global batch on any number of processes; a world size that does not divide it is refused before training.
         learning_rate: Peak learning rate reached after warmup.
         min_lr: Final learning rate at the end of the cosine decay.
         warmup_steps: Steps of linear warmup from 0 to learning_rate.
@@ -56,6 +57,7 @@ class TrainConfig:
     batch_size: int = 8
     seq_len: int = 256
     grad_accum_steps: int = 1
+    global_batch_size: int = 0
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
@@ -95,7 +97,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "eval_interval", "save_interval"):
+        for name in ("warmup_steps", "eval_interval", "save_interval", "global_batch_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.learning_rate <= 0:
