@@ -27,7 +27,7 @@ class GenerationError(AcornError):
 
 
 class DiskFullError(CheckpointError):
-    """The disk filled up while a checkpoint was written; the message names the kept checkpoint.
+    """The disk filled up while a checkpoint (or prepared data) was written; the message names what was kept.
 
     Its own type (not just a CheckpointError) so callers and tests can tell "free space and
     resume" apart from a corrupt or incompatible checkpoint.

@@ -170,7 +170,7 @@ def evaluate_full_split(run_dir: Path, data_dir: Path, seq_len: int, batch_size:
     model, _ = load_model(run_dir, device="cpu")
     model.eval()
     meta = read_meta(data_dir)
-    tokens = torch.from_numpy(open_tokens(data_dir, meta, "val").astype("int64"))
+    tokens = torch.from_numpy(open_tokens(data_dir, meta, "val")[:].astype("int64"))
     windows = (len(tokens) - 1) // seq_len
     inputs = tokens[:windows * seq_len].view(windows, seq_len)
     targets = tokens[1:windows * seq_len + 1].view(windows, seq_len)

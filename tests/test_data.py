@@ -14,7 +14,7 @@ from archives import write_tar_gz
 from acornlm.cli import main as cli_main
 from acornlm.data import corpus, shakespeare
 from acornlm.data.corpus import iter_documents
-from acornlm.data.loader import EVAL_STREAM, TokenLoader, check_tokenizer, read_meta
+from acornlm.data.loader import EVAL_STREAM, TokenLoader, check_tokenizer, open_tokens, read_meta
 from acornlm.data.prepare import is_validation, prepare_data, token_dtype
 from acornlm.errors import ConfigError, DataError
 from acornlm.tokenizer import load_tokenizer, train_tokenizer
@@ -153,7 +153,7 @@ def sample_jsonl(tmp_path) -> Path:
 def split_documents(data_dir: Path, split: str) -> list[str]:
     """Decode a .bin back into its documents by cutting at <|endoftext|>."""
     meta = read_meta(data_dir)
-    tokens = np.fromfile(data_dir / f"{split}.bin", dtype=meta["dtype"])
+    tokens = np.asarray(open_tokens(data_dir, meta, split))
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     assert tokens[-1] == meta["tokenizer"]["eot_id"]
     cuts = np.flatnonzero(tokens == meta["tokenizer"]["eot_id"])
@@ -170,7 +170,7 @@ def test_prepare_writes_documents_separated_by_eot_with_exact_counts(tmp_path, b
     assert sorted(train + val) == sorted(SAMPLE_DOCS)
     assert train == [t for t in SAMPLE_DOCS if t in set(train)] and val and train
     for split, docs in (("train", train), ("val", val)):
-        tokens = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
+        tokens = np.asarray(open_tokens(out, meta, split))
         assert meta[split]["tokens"] == len(tokens)
         assert meta[split]["documents"] == len(docs) == int((tokens == 0).sum())
         assert meta[split]["bytes"] == sum(len(t.encode("utf-8")) for t in docs)
@@ -181,13 +181,13 @@ def test_prepare_writes_documents_separated_by_eot_with_exact_counts(tmp_path, b
     assert load_tokenizer(out / "tokenizer").fingerprint == tokenizer.fingerprint
     # throughput is returned, never written (meta.json must be deterministic)
     assert result["throughput"]["tokens_per_second"] > 0 and "throughput" not in meta
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer", "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer", "train-00000.bin", "val-00000.bin"]
 
 
 def test_prepare_is_byte_identical_across_runs_and_worker_counts(tmp_path, bpe_dir, sample_jsonl):
     for name, workers in (("a", 1), ("b", 1), ("c", 2)):
         prepare_data([sample_jsonl], bpe_dir, tmp_path / name, val_fraction=0.2, workers=workers)
-    for file in ("train.bin", "val.bin", "meta.json", "tokenizer/tokenizer.json"):
+    for file in ("train-00000.bin", "val-00000.bin", "meta.json", "tokenizer/tokenizer.json"):
         reference = (tmp_path / "a" / file).read_bytes()
         assert (tmp_path / "b" / file).read_bytes() == reference, file
         assert (tmp_path / "c" / file).read_bytes() == reference, file
@@ -244,7 +244,7 @@ def test_large_vocabulary_is_stored_as_uint32(tmp_path):
     (tmp_path / "train.txt").write_text(text, encoding="utf-8")
     meta = prepare_data([tmp_path / "train.txt"], tmp_path / "tok", tmp_path / "out",
                         val_inputs=[tmp_path / "train.txt"], workers=1)
-    tokens = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint32)
+    tokens = np.fromfile(tmp_path / "out" / "train-00000.bin", dtype=np.uint32)
     assert meta["dtype"] == "uint32" and tokens.max() >= 2**16
     assert tokens.tolist() == [*tokenizer.encode(text), tokenizer.eot_id]
 
@@ -332,7 +332,7 @@ def test_eval_batches_are_fixed_and_sharded_across_ranks(counting_data):
 
 def test_loader_reads_real_prepared_data(tmp_path, bpe_dir, sample_jsonl):
     prepare_data([sample_jsonl], bpe_dir, tmp_path / "out", val_fraction=0.2, workers=1)
-    tokens = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16).astype(np.int64)
+    tokens = np.fromfile(tmp_path / "out" / "train-00000.bin", dtype=np.uint16).astype(np.int64)
     loader = TokenLoader(tmp_path / "out", "train", batch_size=2, seq_len=32, seed=0)
     x, y = loader.batch(0)
     starts = np.random.Generator(np.random.PCG64([0, 0])).integers(0, len(tokens) - 33, size=2)

@@ -118,9 +118,16 @@ def is_traced_or_compiled() -> bool:
     return is_exporting() or (dynamo_loaded() and torch.compiler.is_compiling())
 
 
+def autocast_on_cpu() -> bool:
+    """CPU autocast (bf16/fp16 training or evaluation of fp32 weights) is on: an fp32 oneDNN product
+    would bypass it and compute in fp32, so products go through F.linear, which autocast lowers."""
+    return torch.is_autocast_enabled("cpu")
+
+
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (USE_ONEDNN and ONEDNN_AVAILABLE and x.device.type == "cpu"
-            and x.dtype == weight.dtype == torch.float32 and x.numel() > 0 and not is_exporting())
+            and x.dtype == weight.dtype == torch.float32 and x.numel() > 0 and not is_exporting()
+            and not autocast_on_cpu())
 
 
 class EagerOneDNNLinear(torch.autograd.Function):
@@ -227,6 +234,8 @@ def uses_packed(x: torch.Tensor, layers: Sequence[nn.Linear]) -> bool:
     an inference call: no gradient to compute, no tracing or compiling. Runs ~40 times per decoded
     token, so the cheap tests come first."""
     if not (USE_ONEDNN and x.is_cpu and x.dtype in PACKED_DTYPES and x.numel() > 0):
+        return False
+    if x.dtype == torch.float32 and autocast_on_cpu():
         return False
     for layer in layers:
         if type(layer) is not OneDNNLinear or layer.weight.dtype != x.dtype or not layer.weight.is_cpu:

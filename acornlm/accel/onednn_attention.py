@@ -36,8 +36,10 @@ ENABLED = True  # False: always SDPA (benchmarks/train_throughput.py's acornlm_s
 
 def use_onednn_attention(q: torch.Tensor, kv_heads: int, dropout: float) -> bool:
     """Plain causal self-attention of fp32 CPU tensors, no dropout, not traced or compiled, a shape
-    where the products beat SDPA, and for training probabilities that fit the budget. q is [B, heads, T, D]."""
-    if not (ENABLED and ops.USE_ONEDNN and ops.ONEDNN_AVAILABLE):
+    where the products beat SDPA, and for training probabilities that fit the budget. q is [B, heads, T, D].
+    Not under autocast: there q (fp32 after RoPE) and v (bf16 from its projection) differ in dtype, and
+    SDPA, which autocast casts, computes the attention in the lower precision asked for."""
+    if not (ENABLED and ops.USE_ONEDNN and ops.ONEDNN_AVAILABLE) or ops.autocast_on_cpu():
         return False
     batch, heads, seq, _ = q.shape
     if not (q.is_cpu and q.dtype == torch.float32 and dropout == 0.0 and seq <= MAX_LEN

@@ -69,7 +69,7 @@ def normalize_argv(argv: list[str]) -> list[str]:
             out.extend([name, json.dumps(values)])
         elif name == "--config" and preset_path(values[0]):
             out.extend([name, str(preset_path(values[0]))])
-        elif name == "--model" and argv[:1] == ["train"] and preset_path(values[0]):
+        elif name == "--model" and argv[:1] in (["train"], ["plan"]) and preset_path(values[0]):
             out.extend([name, json.dumps(load_preset(values[0]).get("model", {}))])
         else:
             out.extend([name, values[0]])
@@ -101,6 +101,7 @@ def build_commands() -> dict:
         finetune,
         generate,
         importing,
+        plan,
         report,
         serve,
         tokenizer,
@@ -126,6 +127,7 @@ def build_commands() -> dict:
         "demo-agent": demo_agent.demo_agent,
         "viz": {"attention": viz.attention, "sampling": viz.sampling},
         "report": report.report,
+        "plan": plan.plan,
     }
 
 

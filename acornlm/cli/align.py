@@ -2,7 +2,8 @@
 `acornlm train reward`: the stages after SFT.
 
 Each mirrors `acornlm train sft` (--init, --out, --train.*, --lora.*, --resume) and adds the
-options of its method.
+options of its method. Like every `acornlm train` command, Ctrl-C or SIGTERM finishes the current
+step, saves a checkpoint and exits with status 130 / 143; `--resume auto` continues the run.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Literal
 
+from acornlm.cli.train import exit_if_stopped
 from acornlm.errors import ConfigError
 from acornlm.model.lora import LoraConfig
 from acornlm.train.config import TrainConfig, stage_defaults
@@ -18,6 +20,7 @@ from acornlm.train.dpo import DPOConfig
 from acornlm.train.grpo import GRPOConfig
 from acornlm.train.ppo import PPOConfig
 from acornlm.train.reward import RewardConfig
+from acornlm.train.signals import StopOnSignal
 
 # Each stage's defaults are data: acornlm/train/defaults/{dpo,grpo,distill}.yaml.
 DPO_DEFAULTS, GRPO_DEFAULTS, DISTILL_DEFAULTS = (stage_defaults(stage) for stage in ("dpo", "grpo", "distill"))
@@ -55,7 +58,7 @@ def dpo(data: str | None = None, init: str | None = None, out: str | None = None
         train: TrainConfig = DEFAULT_DPO_TRAIN, lora: LoraConfig = DEFAULT_LORA, dpo: DPOConfig = DEFAULT_DPO,
         tasks: str | None = None, num_pairs: int = 1000, data_format: str = "auto",
         val_data: str | None = None, val_fraction: float = 0.05, on_identical: Literal["skip", "error"] = "skip",
-        resume: bool = False) -> None:
+        resume: bool | Literal["auto"] = False) -> None:
     """Direct Preference Optimization: prefer the chosen answers over the rejected ones.
 
     The loss raises the implicit reward beta * log(pi / pi_ref) of each chosen answer above the
@@ -76,22 +79,27 @@ def dpo(data: str | None = None, init: str | None = None, out: str | None = None
         val_data: Held-out preference pairs; default: a val_fraction of --data.
         val_fraction: Share of --data held out for validation when --val_data is not given.
         on_identical: Pairs whose chosen and rejected answers are identical: "skip" (and count) or "error".
-        resume: Continue the run in OUT from checkpoints/latest.
+        resume: true or auto: continue the run in OUT from checkpoints/latest, or start fresh
+            when OUT has no checkpoint yet (one command line for the first start and every restart);
+            false: refuse an OUT that already holds a run. A bare `--resume` means true.
+            Ctrl-C or SIGTERM stops a run after the current step with a checkpoint (exit status 130 / 143).
     """
     from acornlm.train.dpo import run_dpo
 
     _require_out(out)
-    summary = run_dpo(data, init, out, train, lora, dpo=dpo, tasks=tasks,
-                      num_pairs=num_pairs, data_format=data_format, val_data=val_data, val_fraction=val_fraction,
-                      on_identical=on_identical, resume=resume)
+    with StopOnSignal():  # Ctrl-C / SIGTERM: finish the step, save, exit 130 / 143
+        summary = run_dpo(data, init, out, train, lora, dpo=dpo, tasks=tasks,
+                          num_pairs=num_pairs, data_format=data_format, val_data=val_data, val_fraction=val_fraction,
+                          on_identical=on_identical, resume=resume)
     _print_summary(summary, {"val_preference_accuracy": "held-out preference accuracy",
                              "val_reward_margin": "held-out reward margin"})
+    exit_if_stopped(summary)
 
 
 def grpo(data: str | None = None, init: str | None = None, out: str | None = None,
          train: TrainConfig = DEFAULT_GRPO_TRAIN, lora: LoraConfig = DEFAULT_LORA, grpo: GRPOConfig = DEFAULT_GRPO,
          tasks: str | None = None, num_prompts: int = 1000, val_data: str | None = None, val_fraction: float = 0.05,
-         reward_model: str | None = None, tools: str | None = None, resume: bool = False) -> None:
+         reward_model: str | None = None, tools: str | None = None, resume: bool | Literal["auto"] = False) -> None:
     """Group Relative Policy Optimization on rewards a program can check (DeepSeekMath).
 
     Each step samples --grpo.group_size completions per prompt from the model being trained, scores
@@ -120,23 +128,28 @@ def grpo(data: str | None = None, init: str | None = None, out: str | None = Non
         val_fraction: Share of --data held out when --val_data is not given.
         reward_model: A reward model (run directory of `acornlm train reward`) whose score of prompt + completion is added to the reward; it must share the policy's tokenizer.
         tools: A Python file whose functions are the tools of the prompts' "tools" lists (agentic RL); a function with a keyword parameter `example` receives the prompt record. The `price` task's tool is built in.
-        resume: Continue the run in OUT from checkpoints/latest.
+        resume: true or auto: continue the run in OUT from checkpoints/latest, or start fresh
+            when OUT has no checkpoint yet (one command line for the first start and every restart);
+            false: refuse an OUT that already holds a run. A bare `--resume` means true.
+            Ctrl-C or SIGTERM stops a run after the current step with a checkpoint (exit status 130 / 143).
     """
     from acornlm.train.grpo import run_grpo
 
     _require_out(out)
-    summary = run_grpo(data, init, out, train, lora, grpo=grpo, tasks=tasks, num_prompts=num_prompts,
-                       val_data=val_data, val_fraction=val_fraction, resume=resume, reward_model=reward_model,
-                       tools=tools)
+    with StopOnSignal():  # Ctrl-C / SIGTERM: finish the step, save, exit 130 / 143
+        summary = run_grpo(data, init, out, train, lora, grpo=grpo, tasks=tasks, num_prompts=num_prompts,
+                           val_data=val_data, val_fraction=val_fraction, resume=resume, reward_model=reward_model,
+                           tools=tools)
     _print_summary(summary, {"val_reward": "held-out mean reward", "val_task_accuracy": "held-out task accuracy"})
     _print_reward_errors(summary)
+    exit_if_stopped(summary)
 
 
 def ppo(data: str | None = None, init: str | None = None, out: str | None = None,
         train: TrainConfig = DEFAULT_PPO_TRAIN, lora: LoraConfig = DEFAULT_LORA, ppo: PPOConfig = DEFAULT_PPO,
         rewards: str | None = None, reward_model: str | None = None, tasks: str | None = None,
         num_prompts: int = 1000, val_data: str | None = None, val_fraction: float = 0.05,
-        tools: str | None = None, resume: bool = False) -> None:
+        tools: str | None = None, resume: bool | Literal["auto"] = False) -> None:
     """Proximal Policy Optimization with a value head (InstructGPT-style RLHF).
 
     Each step samples --ppo.num_samples completions per prompt from the model being trained and scores
@@ -165,16 +178,21 @@ def ppo(data: str | None = None, init: str | None = None, out: str | None = None
         val_data: Held-out prompts for validation; default: a val_fraction of --data (or held-out task questions).
         val_fraction: Share of --data held out when --val_data is not given.
         tools: A Python file whose functions are the tools of the prompts' "tools" lists (agentic RL); a function with a keyword parameter `example` receives the prompt record. The `price` task's tool is built in.
-        resume: Continue the run in OUT from checkpoints/latest (the value head included).
+        resume: true or auto: continue the run in OUT from checkpoints/latest (the value head included), or start fresh
+            when OUT has no checkpoint yet (one command line for the first start and every restart);
+            false: refuse an OUT that already holds a run. A bare `--resume` means true.
+            Ctrl-C or SIGTERM stops a run after the current step with a checkpoint (exit status 130 / 143).
     """
     from acornlm.train.ppo import run_ppo
 
     _require_out(out)
-    summary = run_ppo(data, init, out, train, lora, ppo=ppo, rewards=rewards, reward_model=reward_model,
-                      tasks=tasks, num_prompts=num_prompts, val_data=val_data, val_fraction=val_fraction,
-                      resume=resume, tools=tools)
+    with StopOnSignal():  # Ctrl-C / SIGTERM: finish the step, save, exit 130 / 143
+        summary = run_ppo(data, init, out, train, lora, ppo=ppo, rewards=rewards, reward_model=reward_model,
+                          tasks=tasks, num_prompts=num_prompts, val_data=val_data, val_fraction=val_fraction,
+                          resume=resume, tools=tools)
     _print_summary(summary, {"val_reward": "held-out mean reward", "val_task_accuracy": "held-out task accuracy"})
     _print_reward_errors(summary)
+    exit_if_stopped(summary)
 
 
 def _print_reward_errors(summary: dict[str, Any]) -> None:
@@ -186,7 +204,7 @@ def _print_reward_errors(summary: dict[str, Any]) -> None:
 def distill(data: str | None = None, teacher: str | None = None, init: str | None = None, out: str | None = None,
             train: TrainConfig = DEFAULT_DISTILL_TRAIN, lora: LoraConfig = DEFAULT_LORA,
             distill: DistillConfig = DEFAULT_DISTILL, data_format: str = "auto", val_data: str | None = None, val_fraction: float = 0.05,
-            packing: bool = False, truncation: Literal["truncate", "drop"] = "truncate", resume: bool = False) -> None:
+            packing: bool = False, truncation: Literal["truncate", "drop"] = "truncate", resume: bool | Literal["auto"] = False) -> None:
     """Knowledge distillation: a student learns a teacher's output distribution on chat data.
 
     loss = alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * cross-entropy on
@@ -207,24 +225,29 @@ def distill(data: str | None = None, teacher: str | None = None, init: str | Non
         val_fraction: Share of --data held out for validation when --val_data is not given.
         packing: Pack several whole examples into each row of train.seq_len tokens.
         truncation: "truncate" or "drop" examples longer than train.seq_len (counted and reported).
-        resume: Continue the run in OUT from checkpoints/latest.
+        resume: true or auto: continue the run in OUT from checkpoints/latest, or start fresh
+            when OUT has no checkpoint yet (one command line for the first start and every restart);
+            false: refuse an OUT that already holds a run. A bare `--resume` means true.
+            Ctrl-C or SIGTERM stops a run after the current step with a checkpoint (exit status 130 / 143).
     """
     from acornlm.train.distill import run_distill
 
     _require_out(out)
     if data is None:
         raise ConfigError("--data is required: chat data as .jsonl (try `acornlm data synth --out tasks.jsonl`)")
-    summary = run_distill(data, teacher, init, out, train, lora, distill=distill,
-                          data_format=data_format, val_data=val_data, val_fraction=val_fraction, packing=packing,
-                          truncation=truncation, resume=resume)
+    with StopOnSignal():  # Ctrl-C / SIGTERM: finish the step, save, exit 130 / 143
+        summary = run_distill(data, teacher, init, out, train, lora, distill=distill,
+                              data_format=data_format, val_data=val_data, val_fraction=val_fraction, packing=packing,
+                              truncation=truncation, resume=resume)
     _print_summary(summary, {"val_kl": "held-out KL to the teacher", "val_hard_loss": "held-out cross-entropy"})
+    exit_if_stopped(summary)
 
 
 def reward(data: str | None = None, init: str | None = None, out: str | None = None,
            train: TrainConfig = DEFAULT_REWARD_TRAIN, lora: LoraConfig = DEFAULT_LORA,
            reward: RewardConfig = DEFAULT_REWARD, tasks: str | None = None, num_pairs: int = 1000,
            data_format: str = "auto", val_data: str | None = None, val_fraction: float = 0.05,
-           on_identical: Literal["skip", "error"] = "skip", resume: bool = False) -> None:
+           on_identical: Literal["skip", "error"] = "skip", resume: bool | Literal["auto"] = False) -> None:
     """Train a reward model: a score r(x, y) that ranks each chosen answer above the rejected one.
 
     The starting checkpoint (--init, usually an SFT run) keeps its decoder and gets a new head, one
@@ -247,13 +270,18 @@ def reward(data: str | None = None, init: str | None = None, out: str | None = N
         val_data: Held-out preference pairs; default: a val_fraction of --data.
         val_fraction: Share of --data held out for validation when --val_data is not given.
         on_identical: Pairs whose chosen and rejected answers are identical: "skip" (and count) or "error".
-        resume: Continue the run in OUT from checkpoints/latest.
+        resume: true or auto: continue the run in OUT from checkpoints/latest, or start fresh
+            when OUT has no checkpoint yet (one command line for the first start and every restart);
+            false: refuse an OUT that already holds a run. A bare `--resume` means true.
+            Ctrl-C or SIGTERM stops a run after the current step with a checkpoint (exit status 130 / 143).
     """
     from acornlm.train.reward import run_reward
 
     _require_out(out)
-    summary = run_reward(data, init, out, train, reward=reward, lora=lora, tasks=tasks, num_pairs=num_pairs,
-                         data_format=data_format, val_data=val_data, val_fraction=val_fraction,
-                         on_identical=on_identical, resume=resume)
+    with StopOnSignal():  # Ctrl-C / SIGTERM: finish the step, save, exit 130 / 143
+        summary = run_reward(data, init, out, train, reward=reward, lora=lora, tasks=tasks, num_pairs=num_pairs,
+                             data_format=data_format, val_data=val_data, val_fraction=val_fraction,
+                             on_identical=on_identical, resume=resume)
     _print_summary(summary, {"val_reward_accuracy": "held-out pair accuracy",
                              "val_reward_margin": "held-out reward margin"})
+    exit_if_stopped(summary)

@@ -65,21 +65,37 @@ def prepare(
     workers: int = 0,
     errors: Literal["strict", "replace"] = "strict",
     seed: int = 0,
+    shard_tokens: int = 1 << 27,
+    resume: bool | Literal["auto"] = "auto",
 ) -> dict[str, Any]:
-    """Tokenize a corpus into train.bin / val.bin (+ meta.json and a copy of the tokenizer) for training.
+    """Tokenize a corpus into shard files train-00000.bin, ..., val-00000.bin, ... for training.
 
-    Each document is followed by <|endoftext|>. The output is deterministic: same inputs, same bytes.
+    Each document is followed by <|endoftext|>; each shard is a raw uint16/uint32 array of whole documents
+    (nanoGPT's format), and meta.json indexes them (tokens, documents, bytes and SHA-256 per shard) next to
+    a copy of the tokenizer. The loader reads a split's shards as one stream. The output is deterministic:
+    same inputs, same bytes, whatever --workers is and however often the run was interrupted.
+
+    Corpora of any size stream through in ~1 MB batches: memory stays bounded (about workers + 1 processes
+    of ~100 MB each). An interrupted run (Ctrl-C, kill -9, full disk) keeps its finished shards and
+    prepare-progress.json; running the same command again continues after the last finished shard and
+    gives the same bytes as a run that never stopped.
 
     Args:
         input: Corpus files or folders (.txt/.md one document per file, .jsonl {"text": ...} per line,
             .parquet text column). A single folder with train/ and val/ subfolders gives the split by itself.
         tokenizer: Directory of a saved tokenizer (from `acornlm tokenizer train`).
-        out: Directory to write train.bin, val.bin, meta.json and tokenizer/ into.
+        out: Directory to write the shards, meta.json and tokenizer/ into.
         val_input: Validation files or folders (instead of holding documents out of --input).
         val_fraction: Hold out about this fraction of the documents (whole documents, chosen by a hash of their text).
         workers: Tokenizer processes; 0 = one per CPU core, 1 = tokenize in the main process.
         errors: What to do with bytes that are not UTF-8: "strict" stops with the file and offset, "replace" uses U+FFFD.
         seed: Seed of the --val-fraction hold-out choice.
+        shard_tokens: Tokens per shard file at most (default 2^27 = 134M tokens, 256 MiB of uint16): a crash
+            loses at most one shard of work, and 10B tokens make ~75 files. A shard holds whole documents, so
+            it is only larger when a single document is.
+        resume: auto (default): continue an interrupted run found in --out if its inputs, tokenizer and options
+            match, refuse if they differ, else start afresh; true: continue, error if there is nothing to resume;
+            false: start over, discarding an interrupted run's progress.
 
     Returns:
         meta.json's contents plus the measured throughput.
@@ -93,4 +109,4 @@ def prepare(
     if not out:
         raise ConfigError("--out is required: the directory to write the prepared data into")
     return prepare_data(input, tokenizer, out, val_inputs=val_input, val_fraction=val_fraction,
-                        workers=workers, errors=errors, seed=seed)
+                        workers=workers, errors=errors, seed=seed, shard_tokens=shard_tokens, resume=resume)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
 from acornlm.errors import ConfigError
 from acornlm.model.lora import LoraConfig
 from acornlm.train.config import TrainConfig, stage_defaults
+from acornlm.train.signals import StopOnSignal
 
 # The stage's defaults are data: acornlm/train/defaults/sft.yaml.
 DEFAULT_SFT_TRAIN = TrainConfig(**stage_defaults("sft")["train"])
@@ -18,13 +20,14 @@ DEFAULT_LORA = LoraConfig()
 def sft(data: str | None = None, init: str | None = None, out: str | None = None,
         train: TrainConfig = DEFAULT_SFT_TRAIN, lora: LoraConfig = DEFAULT_LORA, data_format: str = "auto",
         val_data: str | None = None, val_fraction: float = 0.05, packing: bool = False,
-        truncation: str = "truncate", resume: bool = False) -> None:
+        truncation: str = "truncate", resume: bool | Literal["auto"] = False) -> None:
     """Supervised fine-tuning on chat data: the loss is on the assistant's tokens only.
 
     Full fine-tuning by default; `--lora.rank 8` trains LoRA adapters only (saved in the PEFT
     layout next to the base weights in every checkpoint). Try it offline on synthetic tasks:
     `acornlm data synth --out data/tasks.jsonl`, then `--data data/tasks.jsonl`, then
-    `acornlm eval tasks --ckpt OUT`.
+    `acornlm eval tasks --ckpt OUT`. Ctrl-C or SIGTERM finishes the current step, saves a checkpoint
+    and exits with status 130 / 143; `--resume auto` continues the run (a second Ctrl-C aborts at once).
 
     Args:
         data: Chat data: a .jsonl/.json file, a folder of them, or several separated by commas. Formats: messages (OpenAI/TRL), minimind, sharegpt, alpaca (auto-detected); tool calls, tool results, a "tools" list and reasoning (reasoning_content or <think>) are read and trained (see docs/agents.md).
@@ -37,22 +40,27 @@ def sft(data: str | None = None, init: str | None = None, out: str | None = None
         val_fraction: Share of --data held out for validation when --val_data is not given.
         packing: Pack several whole examples into each row of train.seq_len tokens (faster on short chats) instead of one padded example per row.
         truncation: What to do with an example longer than train.seq_len: "truncate" (cut the end of the conversation; dropped when the first prompt alone does not fit) or "drop". Both are counted and reported.
-        resume: Continue the run in OUT from checkpoints/latest (weights, adapters, optimizer, data position, RNG).
+        resume: true or auto: continue the run in OUT from checkpoints/latest (weights, adapters, optimizer,
+            data position, RNG), or start fresh from --init when OUT has no checkpoint yet (one command line
+            for the first start and every restart); false: refuse an OUT that already holds a run. A bare
+            `--resume` means true.
+            Ctrl-C or SIGTERM stops a run after the current step with a checkpoint (exit status 130 / 143).
     """
-    from acornlm.cli.train import format_summary
+    from acornlm.cli.train import exit_if_stopped, format_summary
     from acornlm.train.sft import run_sft
 
     if data is None:
         raise ConfigError("--data is required: chat data as .jsonl (try `acornlm data synth --out tasks.jsonl`)")
     if out is None:
         raise ConfigError("--out is required: the run directory for checkpoints and metrics")
-    summary = run_sft(data, init, out, train, lora, data_format=data_format, val_data=val_data,
-                      val_fraction=val_fraction, packing=packing, truncation=truncation, resume=resume)
-    if summary["rank"] != 0:
-        return
-    print(format_summary(summary), file=sys.stderr)
-    print(f"trainable parameters {summary['trainable_params']:,} of {summary['params']:,} "
-          f"({summary['trainable_params'] / summary['params']:.2%})", file=sys.stderr)
+    with StopOnSignal():  # Ctrl-C / SIGTERM: finish the step, save, exit 130 / 143
+        summary = run_sft(data, init, out, train, lora, data_format=data_format, val_data=val_data,
+                          val_fraction=val_fraction, packing=packing, truncation=truncation, resume=resume)
+    if summary["rank"] == 0:
+        print(format_summary(summary), file=sys.stderr)
+        print(f"trainable parameters {summary['trainable_params']:,} of {summary['params']:,} "
+              f"({summary['trainable_params'] / summary['params']:.2%})", file=sys.stderr)
+    exit_if_stopped(summary)
 
 
 def lora_merge(ckpt: str | None = None, out: str | None = None) -> None:

@@ -5,7 +5,7 @@
     from acornlm.data.loader import TokenLoader
 
     fetch_shakespeare("data/shakespeare")                       # train/ and val/ folders of .txt works
-    prepare_data(["data/shakespeare"], "tok/", "data/shk-bpe")  # train.bin, val.bin, meta.json, tokenizer/
+    prepare_data(["data/shakespeare"], "tok/", "data/shk-bpe")  # train-00000.bin, val-00000.bin, meta.json, ...
     loader = TokenLoader("data/shk-bpe", "train", batch_size=8, seq_len=256, seed=1337)
     x, y = loader.batch(step=0)
 

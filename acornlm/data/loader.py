@@ -9,6 +9,12 @@ step `s` come from `numpy.random.Generator(PCG64([seed, s]))`, drawn for the who
 
 so a batch depends on nothing but (seed, step, micro_step, rank, world_size). Resuming only needs the step,
 and one process accumulating 2 micro-batches sees exactly what 2 processes with 1 micro-batch each see.
+
+A split written as several shards (`train-00000.bin`, ...) is read as one stream: the shards back to
+back, exactly the tokens a single file would hold. A window may span two shards (shards end between
+documents, so that is no different from spanning two documents inside one shard), and the batches of
+sharded data equal those of the same tokens in one file. Folders from before shards (one `train.bin`
+per split, meta.json version 1) load unchanged.
 """
 
 from __future__ import annotations
@@ -77,7 +83,6 @@ class TokenLoader:
         if self.n_tokens < seq_len + 2:
             raise DataError(f"the {split} split of {data_dir} has {self.n_tokens} tokens, but seq_len {seq_len} "
                             f"needs at least {seq_len + 2}; use a smaller --train.seq_len or more {split} data")
-        self.offsets = np.arange(seq_len + 1)
 
     @property
     def tokens_per_step(self) -> int:
@@ -106,23 +111,110 @@ class TokenLoader:
 
     def windows(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets for windows of seq_len + 1 tokens at `starts`."""
-        rows = self.tokens[starts[:, None] + self.offsets].astype(np.int64)  # [batch, seq_len + 1]
+        rows = self.tokens.windows(starts, self.seq_len + 1).astype(np.int64)  # [batch, seq_len + 1]
         rows = torch.from_numpy(rows)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
-def open_tokens(data_dir: Path, meta: dict[str, Any], split: str) -> np.ndarray:
-    """Memory-map a split's token file after checking its size against meta.json."""
+class TokenStream:
+    """A split's shard files, memory-mapped, read as one array of token ids.
+
+    Supports len(), integer and slice indexing (step 1), `windows` for batches and np.asarray. Only
+    the pages a read touches are loaded, so a 50 GB split costs no memory up front.
+    """
+
+    def __init__(self, arrays: list[np.ndarray], dtype: np.dtype):
+        self.arrays = [a for a in arrays if len(a)]
+        self.dtype = np.dtype(dtype)
+        lengths = np.array([len(a) for a in self.arrays], dtype=np.int64)
+        self.ends = np.cumsum(lengths)  # shard i holds stream positions [ends[i] - len_i, ends[i])
+        self.starts = self.ends - lengths
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, key: int | slice) -> np.ndarray | np.integer:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise IndexError("TokenStream slices must have step 1")
+            return self.read(start, max(stop - start, 0))
+        index = int(key) + (len(self) if int(key) < 0 else 0)
+        if not 0 <= index < len(self):
+            raise IndexError(f"token {key} is outside the split's {len(self)} tokens")
+        shard = int(np.searchsorted(self.ends, index, side="right"))
+        return self.arrays[shard][index - self.starts[shard]]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        tokens = self.read(0, len(self))
+        return tokens if dtype is None else tokens.astype(dtype)
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) of the stream, joined across shard boundaries."""
+        if length <= 0:
+            return np.zeros(0, dtype=self.dtype)
+        shard = int(np.searchsorted(self.ends, start, side="right"))
+        offset = start - int(self.starts[shard])
+        if offset + length <= len(self.arrays[shard]):
+            return self.arrays[shard][offset:offset + length]  # the common case: a view, no copy
+        pieces, remaining = [], length
+        while remaining > 0 and shard < len(self.arrays):
+            piece = self.arrays[shard][offset:offset + remaining]
+            pieces.append(piece)
+            remaining -= len(piece)
+            shard, offset = shard + 1, 0
+        return np.concatenate(pieces)
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """[len(starts), length] token windows; one fancy-indexing read when the split is one file."""
+        if len(self.arrays) == 1:
+            return self.arrays[0][starts[:, None] + np.arange(length)]
+        return np.stack([self.read(int(start), length) for start in starts])
+
+
+def shard_list(meta: dict[str, Any], split: str) -> list[dict[str, Any]]:
+    """The files of a split: its shard index (version 2) or the single `train.bin` of version 1."""
     info = meta[split]
-    file = data_dir / info.get("file", f"{split}.bin")
+    if "shards" in info:
+        return info["shards"]
+    return [{"file": info.get("file", f"{split}.bin"), "tokens": info.get("tokens"),
+             "documents": info.get("documents"), "bytes": info.get("bytes")}]
+
+
+def open_tokens(data_dir: Path, meta: dict[str, Any], split: str) -> TokenStream:
+    """Memory-map a split's shard files as one stream, after checking each file's size against meta.json."""
+    shards = shard_list(meta, split)
+    arrays = [open_token_file(Path(data_dir), meta, shard, f"shard {i + 1} of {len(shards)} of the {split} split")
+              for i, shard in enumerate(shards)]
+    return TokenStream(arrays, np.dtype(meta["dtype"]))
+
+
+def token_file_entry(meta: dict[str, Any], file_name: str) -> tuple[str, dict[str, Any]]:
+    """(split, index entry) of the token file `file_name` (a shard, or a version-1 train.bin/val.bin)."""
+    for split in ("train", "val"):
+        for shard in shard_list(meta, split):
+            if shard["file"] == file_name:
+                return split, shard
+    raise DataError(f"{file_name} is not one of the token files listed in {META_FILE}")
+
+
+def open_token_file_named(data_dir: Path, meta: dict[str, Any], file_name: str) -> np.ndarray:
+    """Memory-map one token file of a prepared folder by its name, checked against meta.json."""
+    split, shard = token_file_entry(meta, file_name)
+    return open_token_file(Path(data_dir), meta, shard, f"a shard of the {split} split")
+
+
+def open_token_file(data_dir: Path, meta: dict[str, Any], shard: dict[str, Any], what: str) -> np.ndarray:
+    """Memory-map one token file listed in meta.json; DataError naming it when missing or the wrong size."""
+    file = data_dir / shard["file"]
     dtype = np.dtype(meta["dtype"])
     if not file.is_file():
-        raise DataError(f"{file} is missing; run `acornlm data prepare` again")
+        raise DataError(f"{file} is missing ({what}); restore it or prepare the data again with `acornlm data prepare`")
     size = file.stat().st_size
-    expected = info.get("tokens")
+    expected = shard.get("tokens")
     if size % dtype.itemsize or (isinstance(expected, int) and size // dtype.itemsize != expected):
         raise DataError(f"{file} holds {size} bytes, but meta.json says {expected} {dtype.name} tokens "
-                        f"({expected * dtype.itemsize if isinstance(expected, int) else '?'} bytes); "
+                        f"({expected * dtype.itemsize if isinstance(expected, int) else '?'} bytes) for {what}; "
                         f"the file is truncated or from another run: prepare the data again")
     if size == 0:
         return np.zeros(0, dtype=dtype)  # np.memmap refuses empty files; the caller reports too few tokens

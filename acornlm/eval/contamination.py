@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from acornlm.data.corpus import JSONL_SUFFIXES, PARQUET_SUFFIXES, iter_documents
-from acornlm.data.loader import META_FILE, open_tokens, read_meta
+from acornlm.data.loader import META_FILE, open_token_file_named, open_tokens, read_meta, token_file_entry
 from acornlm.data.prepare import TOKENIZER_SUBDIR
 from acornlm.errors import ConfigError
 from acornlm.eval.benchmarks import Item
@@ -215,15 +215,16 @@ def scan_corpus(paths: Sequence[str | Path], grams: BenchmarkNgrams,
             if token_grams is None:
                 raise ConfigError(f"{file} holds token ids: the n-grams of its tokenizer are needed (token_grams)")
             meta = read_meta(folder)
-            for split in [file.stem] if file.suffix == ".bin" else ["train", "val"]:
-                if not isinstance(meta.get(split), dict):
-                    raise ConfigError(f"{file}: {folder / META_FILE} has no split {split!r}")
-                ids = open_tokens(folder, meta, split)
+            if file.suffix == ".bin":  # one token file: a shard, or a whole split in the version-1 layout
+                pieces = [(open_token_file_named(folder, meta, file.name), token_file_entry(meta, file.name)[1])]
+            else:
+                pieces = [(open_tokens(folder, meta, split), meta[split]) for split in ("train", "val")]
+            for ids, info in pieces:
                 for start in range(0, len(ids), CHUNK_TOKENS):  # chunks overlap by n-1 tokens
                     piece = np.asarray(ids[start:start + CHUNK_TOKENS + token_grams.n - 1], dtype=np.int64)
                     token_grams.mark(ngram_hashes(id_hashes(piece), token_grams.n), seen_ids)
                 total_tokens += len(ids)
-                total_bytes += int(meta[split].get("bytes", 0))
+                total_bytes += int(info.get("bytes") or 0)
             continue
         suffix = file.suffix.lower()
         chunks = _document_chunks([file]) if suffix in JSONL_SUFFIXES + PARQUET_SUFFIXES else _text_chunks(file)

@@ -8,8 +8,10 @@
     precision.py      device and dtype selection (autocast, GradScaler)
     distributed.py    torchrun / process group helpers
     checkpointing.py  atomic checkpoints, `latest` / `best` pointers, train_state.pt
-    metrics.py        metrics.jsonl, TensorBoard / wandb, the loss-curve PNG
+    signals.py        Ctrl-C / SIGTERM: finish the step, save, exit (StopOnSignal)
+    metrics.py        metrics.jsonl, TensorBoard / wandb / SwanLab, the loss-curve PNG
     mfu.py            model FLOPs utilisation against a measured matmul peak
+    gpu_stats.py      on a GPU: peak memory per metrics line, MFU against the bf16 spec peak
     losses.py         the shared losses, each named by its formula
     stage.py          what every fine-tuning stage stands on (start, policy, reference, metrics)
     sft.py, dpo.py, distill.py                 the supervised and preference stages

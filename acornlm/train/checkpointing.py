@@ -103,15 +103,18 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 # --- saving ---
 
-def _fsync_tree(directory: Path) -> None:
-    """Flush every file of `directory` and the directory entry itself to disk."""
+def fsync_tree(directory: Path) -> None:
+    """Flush every file of `directory` (and of its subfolders) and the directory entries to disk."""
     for path in directory.iterdir():
+        if path.is_dir():
+            fsync_tree(path)
+            continue
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # some platforms (Windows) cannot open directories; rename is still atomic
@@ -148,11 +151,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, train_st
         tmp.mkdir()
         write_model(tmp, model, info=info, tokenizer_dir=tokenizer_dir)
         torch.save(train_state, tmp / TRAIN_STATE_FILE)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():  # left by a run that died before moving `latest`; this one replaces it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         atomic_write_text(root / LATEST_FILE, name + "\n")
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,7 +25,7 @@ class TrainConfig:
         learning_rate: Peak learning rate reached after warmup.
         min_lr: Final learning rate at the end of the cosine decay.
         warmup_steps: Steps of linear warmup from 0 to learning_rate.
-        weight_decay: AdamW decoupled weight decay, applied to matrices only (not norms, biases).
+        weight_decay: AdamW decoupled weight decay, applied to matrices only (not norms, biases). With optimizer=muon the Muon matrices are shrunk by the same amount per step (their decay is weight_decay x learning_rate / muon_lr).
         beta1: AdamW first-moment decay.
         beta2: AdamW second-moment decay.
         adam_eps: AdamW epsilon.
@@ -37,18 +37,18 @@ class TrainConfig:
         log_interval: Append a line to metrics.jsonl every this many steps.
         seed: Seed for python, numpy and torch (and the data order).
         device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N" or "mps".
-        dtype: "auto" (bf16 autocast on CUDA when supported, fp16 with a GradScaler otherwise, fp32 on CPU), "float32", "bfloat16" or "float16".
+        dtype: "auto" (bf16 autocast on CUDA when supported, fp16 with a GradScaler otherwise, fp32 on CPU), "float32", "bfloat16" or "float16". Weights and optimizer state stay float32 either way. With float16 a step whose gradients overflow is skipped by the GradScaler and counted in skipped_steps; metrics then log loss_scale.
         compile: Compile the model with torch.compile (pays on GPUs; on a CPU eager fp32 training is as fast or faster, see benchmarks/README.md).
-        parallel: How several processes (torchrun) share the work. "ddp": every rank holds the whole model, gradients and optimizer state, and gradients are averaged. "fsdp": FSDP2 shards weights, gradients and optimizer state across ranks (fully_shard per block, then the root), and checkpoints are sharded with torch.distributed.checkpoint.
+        parallel: How several processes (torchrun) share the work. "ddp": every rank holds the whole model, gradients and optimizer state, and gradients are averaged. "fsdp": FSDP2 shards weights, gradients and optimizer state across ranks (fully_shard per block, then the root; weights gathered in the compute dtype of train.dtype, gradients reduced in float32); needs torchrun with 2 or more processes. Its checkpoints keep one consolidated model.safetensors and write the optimizer state sharded with torch.distributed.checkpoint; they resume on any number of processes, with FSDP or without.
         fsdp_cpu_offload: With parallel=fsdp, keep the sharded weights, gradients and optimizer state in CPU memory and move them to the GPU per block (slower; fits larger models).
-        activation_checkpointing: Recompute activations in the backward pass instead of storing them. "none"; "full": keep only each block's input and recompute the whole block; "selective": recompute every second block (about half the activation memory for a third of the extra compute).
-        optimizer: "adamw" for every weight, or "muon": Muon (orthogonalised momentum) for the hidden matrices, AdamW for the embeddings, norms, biases and output head (as nanochat does).
-        muon_lr: Peak learning rate of the Muon-trained matrices (the schedule scales it like learning_rate).
-        async_checkpoint: With parallel=fsdp, write sharded checkpoints in the background (torch.distributed.checkpoint.async_save) while training goes on.
+        activation_checkpointing: Recompute activations in the backward pass instead of storing them. "none"; "full": keep only each block's input and recompute the whole block; "selective": recompute every second block (blocks 0, 2, 4, ...), keeping the others' activations: about half the activation memory saved for half the extra compute of "full" (minimind2-small, 8 x 512, fp32 on a CPU: activations 2.8 GB -> full 1.0 GB at 0.80x the tokens/s, selective 1.8 GB at 0.90x; benchmarks/activation_checkpointing.py).
+        optimizer: "adamw" for every weight, or "muon": Muon (torch.optim.Muon: momentum orthogonalised by Newton-Schulz) for the 2-D matrices inside the blocks (attention and MLP projections), AdamW at learning_rate for the embeddings, norms, biases, output head, MoE routers and stacked experts (as nanochat does).
+        muon_lr: Peak learning rate of the Muon-trained matrices (nanochat: 0.02); warmup and cosine decay scale it like learning_rate (its floor is min_lr x muon_lr / learning_rate).
+        async_checkpoint: With parallel=fsdp, write the optimizer shards of a checkpoint in the background (torch.distributed.checkpoint.async_save) while training goes on; the checkpoint is renamed into place and `latest` moved once the write has finished (at the next save or the end of training).
         max_bad_steps: Steps in a row that may be skipped for a NaN/inf loss or gradient norm (each is counted in metrics); one more stops the run with an error, leaving the last checkpoint intact.
         tensorboard: Also write TensorBoard event files in the run directory (needs the tensorboard extra).
         wandb: Also log to Weights & Biases in offline mode (needs the wandb extra).
-        swanlab: Also log to SwanLab in local mode, under RUN/swanlog (needs the swanlab extra).
+        swanlab: Also log to SwanLab in offline mode, under RUN/swanlog (upload later with `swanlab sync`; needs the swanlab extra).
         progress: Show a progress bar.
     """
 

@@ -35,7 +35,7 @@ from acornlm.tokenizer import Tokenizer, load_tokenizer
 from acornlm.train import distributed
 from acornlm.train.config import TrainConfig
 from acornlm.train.losses import distillation_kl, masked_cross_entropy
-from acornlm.train.stage import MeanMetrics, build_policy, final_metrics, resolve_start
+from acornlm.train.stage import MeanMetrics, ResumeMode, build_policy, final_metrics, resolve_start
 from acornlm.train.trainer import Trainer
 
 
@@ -120,7 +120,7 @@ def run_distill(data: str | Path | Sequence[str | Path], teacher: str | Path | N
                 out: str | Path, train_config: TrainConfig, lora: LoraConfig | None = None, *,
                 distill: DistillConfig | None = None, data_format: str = "auto",
                 val_data: str | Path | Sequence[str | Path] | None = None, val_fraction: float = 0.05,
-                packing: bool = False, truncation: str = "truncate", resume: bool = False) -> dict[str, Any]:
+                packing: bool = False, truncation: str = "truncate", resume: ResumeMode = False) -> dict[str, Any]:
     """Distil the checkpoint `teacher` into the student `init` on the chat data in `data`.
 
     Returns the Trainer's summary plus the final "val_kl" and "val_hard_loss". On --resume the

@@ -111,6 +111,16 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(tensor.item())
 
 
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of every rank's `value` (a MAX all-reduce), e.g. the number of the signal that
+    stops the run, 0 where none arrived: any_rank's agreement, carrying which signal it was."""
+    if not _active():
+        return value
+    tensor = torch.tensor([float(value)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def broadcast_flag(flag: bool, device: torch.device, src: int = 0) -> bool:
     """Rank `src`'s value of `flag` on every rank, e.g. rank 0's "time is up" decision."""
     if not _active():

@@ -56,6 +56,7 @@ from acornlm.train.losses import sequence_logprobs
 from acornlm.train.precision import select_precision
 from acornlm.train.stage import (
     MeanMetrics,
+    ResumeMode,
     build_policy,
     example_indices,
     final_metrics,
@@ -279,7 +280,7 @@ def run_dpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | N
             train_config: TrainConfig, lora: LoraConfig | None = None, *, dpo: DPOConfig | None = None,
             tasks: str | None = None, num_pairs: int = 1000, data_format: str = "auto",
             val_data: str | Path | Sequence[str | Path] | None = None, val_fraction: float = 0.05,
-            on_identical: str = "skip", resume: bool = False) -> dict[str, Any]:
+            on_identical: str = "skip", resume: ResumeMode = False) -> dict[str, Any]:
     """Preference-tune the checkpoint `init` with DPO on `data` (or synthetic pairs of `tasks`).
 
     Returns the Trainer's summary plus the final preference metrics ("val_preference_accuracy",

@@ -55,6 +55,7 @@ from acornlm.train.rollouts import (
 )
 from acornlm.train.stage import (
     MeanMetrics,
+    ResumeMode,
     build_policy,
     final_metrics,
     load_reference,
@@ -237,7 +238,7 @@ class GRPOConfig:
 def run_grpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | None, out: str | Path,
              train_config: TrainConfig, lora: LoraConfig | None = None, *, grpo: GRPOConfig | None = None,
              tasks: str | None = None, num_prompts: int = 1000, val_data: str | Path | Sequence[str | Path] | None = None,
-             val_fraction: float = 0.05, resume: bool = False,
+             val_fraction: float = 0.05, resume: ResumeMode = False,
              reward_model: str | Path | None = None, tools: str | Path | None = None) -> dict[str, Any]:
     """Improve the checkpoint `init` by GRPO on the rewards of its own sampled completions.
 
@@ -252,7 +253,7 @@ def run_grpo(data: str | Path | Sequence[str | Path] | None, init: str | Path | 
     environment = tool_environment(tools, tasks, grpo.max_turns, grpo.tool_timeout)
     grpo = dataclasses.replace(grpo, reward=reward_spec(grpo.reward, reward_model))  # what runs, as recorded
     runner, names = reward_runner(grpo.reward)
-    start = resolve_start(init, out, resume, lora, train_config)
+    start = resolve_start(init, out, resume, lora, train_config, stage="grpo")
     train_records, val_records, description = rl_prompts(data, tasks, num_prompts, val_data, val_fraction,
                                                          train_config.seed)
     context, device = distributed.setup(train_config.device)

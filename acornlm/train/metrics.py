@@ -1,5 +1,5 @@
-"""Where training numbers go: metrics.jsonl (always), TensorBoard and wandb (optional), and a
-loss-curve PNG at the end. Only rank 0 creates a MetricsLog.
+"""Where training numbers go: metrics.jsonl (always), TensorBoard, wandb and SwanLab (optional),
+and a loss-curve PNG at the end. Only rank 0 creates a MetricsLog.
 
 metrics.jsonl holds one JSON object per logged step. Every field except the timing ones is a
 deterministic function of the run, so a resumed run's file matches an uninterrupted run's.
@@ -15,11 +15,13 @@ from typing import Any
 
 from acornlm.errors import CheckpointError, ConfigError, DiskFullError
 from acornlm.files import atomic_write_text
+from acornlm.train.gpu_stats import GPU_MEMORY_FIELDS
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
-# Fields that depend on the machine's speed, not on the run's arithmetic.
-TIMING_FIELDS = ("tokens_per_s", "mfu", "elapsed_s")
+SWANLAB_DIR = "swanlog"
+# Fields that depend on the machine's speed (and, on a GPU, its allocator), not on the run's arithmetic.
+TIMING_FIELDS = ("tokens_per_s", "mfu", "elapsed_s", *GPU_MEMORY_FIELDS)
 
 
 def _clean(value: Any) -> Any:
@@ -46,10 +48,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Appends records to metrics.jsonl and mirrors them to TensorBoard / wandb when asked."""
+    """Appends records to metrics.jsonl and mirrors them to TensorBoard / wandb / SwanLab when asked."""
 
     def __init__(self, run_dir: str | Path, resume_step: int | None, tensorboard: bool = False,
-                 wandb: bool = False, config: dict[str, Any] | None = None) -> None:
+                 wandb: bool = False, config: dict[str, Any] | None = None, swanlab: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
@@ -57,6 +59,7 @@ class MetricsLog:
         self._file = open(self.path, "a", encoding="utf-8")
         self._tensorboard = self._open_tensorboard() if tensorboard else None
         self._wandb = self._open_wandb(config or {}) if wandb else None
+        self._swanlab = self._open_swanlab(config or {}) if swanlab else None
 
     def _start_file(self, resume_step: int | None) -> None:
         """A fresh run starts an empty file; a resumed run keeps only lines up to its checkpoint,
@@ -85,6 +88,20 @@ class MetricsLog:
             ) from exc
         return wandb.init(mode="offline", dir=str(self.run_dir), project="acornlm", config=config)
 
+    def _open_swanlab(self, config: dict[str, Any]):
+        """A SwanLab run in offline mode under RUN/swanlog: written locally, uploaded later (if ever)
+        with `swanlab sync RUN/swanlog/run-*`. Offline, not "local": since swanlab 0.10 local mode needs
+        the separate dashboard package (swanlab[dashboard]), offline needs nothing more. `logdir` and
+        `experiment_name` are the older API's names, which swanlab 0.10 still accepts."""
+        try:
+            import swanlab
+        except ImportError as exc:
+            raise ConfigError(
+                "train.swanlab needs the swanlab package: pip install 'acornlm[swanlab]' (or drop --train.swanlab)"
+            ) from exc
+        return swanlab.init(mode="offline", logdir=str(self.run_dir / SWANLAB_DIR), project="acornlm",
+                            experiment_name=self.run_dir.name, config=config)
+
     def write(self, record: dict[str, Any]) -> None:
         record = {key: _clean(value) for key, value in record.items()}
         try:
@@ -101,6 +118,8 @@ class MetricsLog:
                 self._tensorboard.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log(numbers, step=step)
+        if self._swanlab is not None:
+            self._swanlab.log(numbers, step=step)
 
     def close(self) -> None:
         self._file.close()
@@ -108,6 +127,8 @@ class MetricsLog:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
+        if self._swanlab is not None:
+            self._swanlab.finish()
 
 
 def plot_loss_curve(records: list[dict[str, Any]], path: str | Path) -> Path:

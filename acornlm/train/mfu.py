@@ -5,6 +5,8 @@ meaningless on a laptop CPU, so the peak is measured here: the best rate of a la
 matmul in the training dtype on the training device. On the CPU both of PyTorch's matmul
 libraries are timed (MKL through torch.matmul, and oneDNN, which the model's Linear layers use
 where it is faster, see acornlm.accel.onednn) and the faster one is the peak, so MFU never flatters.
+On a GPU the Trainer divides by the vendor's dense bf16 peak instead (acornlm/train/gpu_stats.py), as
+PaLM and torchtitan do; the measured peak is its fallback for a GPU missing from the device table.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The optimizer: AdamW with weight decay on matrices only."""
+"""The optimizer: AdamW with weight decay on matrices only, or Muon + AdamW (acornlm/train/muon.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from acornlm.train.config import TrainConfig
+from acornlm.train.muon import MuonWithAdamW, build_muon
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -16,28 +17,34 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     Decaying a norm's gain or a bias only pulls it towards zero without regularising anything
     useful (the GPT-2/nanoGPT convention). A tied embedding/output matrix appears once.
     """
-    decay, no_decay = [], []
-    for param in model.parameters():  # parameters() yields a shared (tied) tensor only once
-        if not param.requires_grad:
-            continue
-        (decay if param.dim() >= 2 else no_decay).append(param)
+    # parameters() yields a shared (tied) tensor only once
+    return decay_groups([param for param in model.parameters() if param.requires_grad], weight_decay)
+
+
+def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+    """`params` as parameter_groups splits them: those with p.dim() >= 2 decay, the others do not."""
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [param for param in params if param.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [param for param in params if param.dim() < 2], "weight_decay": 0.0},
     ]
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, config: TrainConfig,
+                    device: torch.device) -> torch.optim.AdamW | MuonWithAdamW:
     """AdamW (Loshchilov & Hutter 2019, decoupled weight decay), as PyTorch's fused kernel on CUDA and
     the CPU: one pass over each tensor instead of one per arithmetic step (on the 2-core CPU, 14
     instead of 32 ms per step for minimind2-small; benchmarks/README.md).
 
-    The learning rate set here is only a placeholder: the Trainer writes the scheduled value
-    into every group before each step.
+    With train.optimizer=muon, the blocks' hidden matrices go to Muon and the rest to this AdamW
+    (acornlm/train/muon.py). The learning rate set here is only a placeholder: the Trainer writes
+    the scheduled value (times the group's `lr_scale`, if it has one) into every group before each step.
     """
     extra = {}
     if device.type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters:
         extra["fused"] = True
+    if config.optimizer == "muon":
+        options = {"betas": (config.beta1, config.beta2), "eps": config.adam_eps, **extra}
+        return build_muon(model, config, lambda params: decay_groups(params, config.weight_decay), options)
     return torch.optim.AdamW(
         parameter_groups(model, config.weight_decay),
         lr=config.learning_rate,

@@ -63,6 +63,7 @@ from acornlm.train.rollouts import (
 )
 from acornlm.train.stage import (
     MeanMetrics,
+    ResumeMode,
     StageStart,
     build_policy,
     final_metrics,
@@ -367,7 +368,7 @@ def run_ppo(data: str | Path | Sequence[str | Path] | None, init: str | Path | N
             train_config: TrainConfig, lora: LoraConfig | None = None, *, ppo: PPOConfig | None = None,
             rewards: str | None = None, reward_model: str | Path | None = None, tasks: str | None = None,
             num_prompts: int = 1000, val_data: str | Path | Sequence[str | Path] | None = None,
-            val_fraction: float = 0.05, resume: bool = False, tools: str | Path | None = None) -> dict[str, Any]:
+            val_fraction: float = 0.05, resume: ResumeMode = False, tools: str | Path | None = None) -> dict[str, Any]:
     """Improve the checkpoint `init` by PPO on the rewards of its own sampled completions.
 
     `rewards` names reward functions as GRPO's (comma-separated, summed; default "task" unless a
@@ -380,7 +381,7 @@ def run_ppo(data: str | Path | Sequence[str | Path] | None, init: str | Path | N
     ppo = ppo or PPOConfig()
     spec = reward_spec(rewards, reward_model)
     runner, names = reward_runner(spec)
-    start = resolve_start(init, out, resume, lora, train_config)
+    start = resolve_start(init, out, resume, lora, train_config, stage="ppo")
     train_records, val_records, description = rl_prompts(data, tasks, num_prompts, val_data, val_fraction,
                                                          train_config.seed)
     context, device = distributed.setup(train_config.device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -29,6 +29,7 @@ from acornlm.train import distributed
 from acornlm.train.checkpointing import list_checkpoints, read_pointer, remove_abandoned
 from acornlm.train.config import TrainConfig
 from acornlm.train.losses import next_token_loss
+from acornlm.train.parallel import check_parallel_run
 from acornlm.train.trainer import Trainer, seed_everything
 
 # The model section a command line starts from: vocab_size 0 = the tokenizer's size.
@@ -110,8 +111,24 @@ def read_data(data_dir: Path) -> tuple[dict[str, Any], Tokenizer, Path]:
     return meta, tokenizer, tokenizer_dir
 
 
-def find_resume_checkpoint(out_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to continue from, or None for a fresh run (refusing to overwrite one)."""
+# What `resume` may be: True and "auto" both continue the run in the output directory when it has a
+# checkpoint and start a fresh run when it has none; False refuses a directory that holds a run.
+ResumeMode = bool | Literal["auto"]
+
+
+def check_resume(resume: object) -> None:
+    """ConfigError unless `resume` is True, False or "auto" (e.g. a misspelt string from the Python API)."""
+    if not (isinstance(resume, bool) or resume == "auto"):
+        raise ConfigError(f"resume must be true, false or \"auto\", got {resume!r}")
+
+
+def find_resume_checkpoint(out_dir: Path, resume: ResumeMode) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh run (refusing to overwrite one).
+
+    With resume=True or "auto" a directory without checkpoints starts fresh, so one command line
+    (`--resume auto`) serves the first start and every restart after an interruption.
+    """
+    check_resume(resume)
     latest = read_pointer(out_dir)
     if not resume:
         if latest is not None or list_checkpoints(out_dir):
@@ -147,13 +164,14 @@ def saved_model_config(checkpoint: Path, info: dict[str, Any], requested: ModelC
 
 
 def run_pretrain(data_dir: str | Path, out_dir: str | Path, model_config: ModelConfig,
-                 train_config: TrainConfig, resume: bool = False, init: str | Path | None = None) -> dict[str, Any]:
+                 train_config: TrainConfig, resume: ResumeMode = False, init: str | Path | None = None) -> dict[str, Any]:
     """Pretrain a Transformer on the prepared data in `data_dir`, writing the run to `out_dir`.
 
     `init` starts a fresh run from a checkpoint's weights instead of random ones (continued
     pretraining, e.g. of a model brought in with `acornlm import hf`); its model and tokenizer are
     kept, so the data must have been prepared with that tokenizer. Optimizer, schedule and step
-    count start anew. On --resume the weights come from the run's own checkpoint.
+    count start anew. On --resume the weights come from the run's own checkpoint; resume=True and
+    resume="auto" both start fresh when `out_dir` has no checkpoint yet.
     Returns the Trainer's summary (params, tokens seen, tokens/s, MFU, final val loss/bpb, ...).
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -169,11 +187,13 @@ def run_pretrain(data_dir: str | Path, out_dir: str | Path, model_config: ModelC
         model_config = saved_model_config(init_ckpt, read_checkpoint_config(init_ckpt), model_config, "--init")
     model_config = resolve_vocab_size(model_config, tokenizer, tokenizer_dir)
     check_context_length(model_config, train_config)
+    check_parallel_run(train_config, checkpoint, stage="pretrain")
 
     context, device = distributed.setup(train_config.device)
     try:
         if resume and checkpoint is None:
-            distributed.log(f"--resume: no checkpoint in {out_dir} yet, starting a fresh run", context)
+            distributed.log(f"--resume {'auto' if resume == 'auto' else 'true'}: no checkpoint in {out_dir} yet, "
+                            "starting a fresh run", context)
         if checkpoint is not None:
             distributed.log(f"resuming from {checkpoint}", context)
             if context.is_main and isinstance(info.get("step"), int):

@@ -51,7 +51,7 @@ from acornlm.train.reward_model import (
     is_reward_checkpoint,
     load_reward_model,
 )
-from acornlm.train.stage import MeanMetrics, StageStart, final_metrics, load_merged, resolve_start
+from acornlm.train.stage import MeanMetrics, ResumeMode, StageStart, final_metrics, load_merged, resolve_start
 from acornlm.train.trainer import Trainer
 
 REWARD_METRICS = ("val_reward_accuracy", "val_reward_margin", "val_chosen_reward", "val_rejected_reward")
@@ -150,7 +150,7 @@ def run_reward(data: str | Path | Sequence[str | Path] | None, init: str | Path 
                train_config: TrainConfig, *, reward: RewardConfig | None = None, lora: LoraConfig | None = None,
                tasks: str | None = None, num_pairs: int = 1000, data_format: str = "auto",
                val_data: str | Path | Sequence[str | Path] | None = None, val_fraction: float = 0.05,
-               on_identical: str = "skip", resume: bool = False) -> dict[str, Any]:
+               on_identical: str = "skip", resume: ResumeMode = False) -> dict[str, Any]:
     """Train a reward model from the checkpoint `init` on preference pairs in `data` (or synthetic pairs
     of `tasks`), the same data DPO reads.
 

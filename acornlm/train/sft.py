@@ -34,14 +34,14 @@ from acornlm.paths import as_path_list
 from acornlm.train import distributed
 from acornlm.train.config import TrainConfig
 from acornlm.train.losses import assistant_token_loss
-from acornlm.train.stage import build_policy, resolve_start
+from acornlm.train.stage import ResumeMode, build_policy, resolve_start
 from acornlm.train.trainer import Trainer
 
 
 def run_sft(data: str | Path | Sequence[str | Path], init: str | Path | None, out: str | Path,
             train_config: TrainConfig, lora: LoraConfig | None = None, *, data_format: str = "auto",
             val_data: str | Path | Sequence[str | Path] | None = None, val_fraction: float = 0.05,
-            packing: bool = False, truncation: str = "truncate", resume: bool = False) -> dict[str, Any]:
+            packing: bool = False, truncation: str = "truncate", resume: ResumeMode = False) -> dict[str, Any]:
     """Fine-tune the checkpoint `init` on the chat data in `data`, writing the run to `out`.
 
     Returns the Trainer's summary plus "data" (what was kept, truncated, dropped) and

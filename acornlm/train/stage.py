@@ -48,7 +48,8 @@ from acornlm.train import distributed
 from acornlm.train.checkpointing import remove_abandoned
 from acornlm.train.config import TrainConfig
 from acornlm.train.metrics import METRICS_FILE, read_metrics
-from acornlm.train.pretrain import check_context_length, find_resume_checkpoint
+from acornlm.train.parallel import check_parallel_run
+from acornlm.train.pretrain import ResumeMode, check_context_length, find_resume_checkpoint
 from acornlm.train.trainer import seed_everything
 
 
@@ -153,10 +154,11 @@ class StageStart:
                               "vocab_size": tokenizer.vocab_size}, **extra}
 
 
-def resolve_start(init: str | Path | None, out: str | Path, resume: bool, lora: LoraConfig | None,
-                  train_config: TrainConfig) -> StageStart:
+def resolve_start(init: str | Path | None, out: str | Path, resume: ResumeMode, lora: LoraConfig | None,
+                  train_config: TrainConfig, stage: str = "sft") -> StageStart:
     """The run's starting point, checked (as `run_sft` does): --init or a run to resume, LoRA
-    settings that agree with the resumed run's, a context the model has."""
+    settings that agree with the resumed run's, a context the model has, a parallel setup `stage`
+    can run (acornlm/train/parallel.py; this also derives grad_accum_steps from train.global_batch_size)."""
     out_dir = Path(out)
     lora = lora or LoraConfig()
     checkpoint = find_resume_checkpoint(out_dir, resume)
@@ -172,6 +174,7 @@ def resolve_start(init: str | Path | None, out: str | Path, resume: bool, lora: 
     lora = resolve_lora(lora, resumed_info, checkpoint)
     model_config = checkpoint_model_config(info, source / "config.json")
     check_context_length(model_config, train_config)
+    check_parallel_run(train_config, checkpoint, stage=stage, lora=lora.enabled)
     return StageStart(out_dir, init_ckpt, source, checkpoint, info, lora, load_tokenizer(source), model_config)
 
 

@@ -13,10 +13,12 @@ A stage (pretraining now; SFT, DPO, LoRA later) hands the Trainer three things:
                with a `pop_metrics(training) -> {name: value}` method adds its own numbers
                (DPO reward margins, GRPO rewards) to each metrics line
 
-and the Trainer does the rest: device and precision, seeding, torch.compile, DDP, gradient
+and the Trainer does the rest: device and precision, seeding, torch.compile, DDP or FSDP
+(acornlm/train/parallel.py, sharded checkpoints in acornlm/train/sharded_checkpoint.py), gradient
 accumulation, clipping, the learning-rate schedule, evaluation, metrics, checkpoints, the
-time budget and NaN/inf handling. Batches must be a pure function of (step, micro_step), so
-the data position saved in a checkpoint is just the step and resuming is exact.
+time budget, a clean stop on SIGINT/SIGTERM (acornlm/train/signals.py) and NaN/inf handling.
+Batches must be a pure function of (step, micro_step), so the data position saved in a
+checkpoint is just the step and resuming is exact.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,9 +42,10 @@ from tqdm import tqdm
 
 from acornlm.accel import accelerate
 from acornlm.allocator import keep_freed_memory
-from acornlm.errors import AcornError, CheckpointError
+from acornlm.errors import AcornError, CheckpointError, ConfigError
 from acornlm.model import Transformer
 from acornlm.model.checkpoint import write_model_files
+from acornlm.train.activation_checkpointing import apply_activation_checkpointing
 from acornlm.train.checkpointing import (
     capture_rng_state,
     checkpoint_name,
@@ -60,14 +64,26 @@ from acornlm.train.distributed import (
     any_rank,
     broadcast_flag,
     log,
+    max_over_ranks,
 )
+from acornlm.train.gpu_stats import is_cuda, peak_memory, reset_peak_memory, spec_bf16_flops
 from acornlm.train.metrics import LOSS_CURVE_FILE, METRICS_FILE, MetricsLog, plot_loss_curve, read_metrics
 from acornlm.train.mfu import measure_matmul_peak
 from acornlm.train.optim import build_optimizer
+from acornlm.train.parallel import LAUNCH_HINT, clip_grad_norm, parallelize
 from acornlm.train.precision import Precision, select_device, select_precision
 from acornlm.train.schedule import learning_rate_at
+from acornlm.train.sharded_checkpoint import (
+    ShardedCheckpointer,
+    is_sharded_checkpoint,
+    load_sharded_optimizer_state,
+    restore_rank_rng,
+)
+from acornlm.train.signals import requested_stop
 
 TRAIN_STATE_VERSION = 1
+# An fp16 GradScaler overflow with the loss scale still >= this is routine (see Trainer._count_overflow).
+MIN_ROUTINE_LOSS_SCALE = 1.0
 
 
 class TrainingDivergedError(AcornError):
@@ -162,11 +178,16 @@ class Trainer:
         seed_everything(config.seed + self.context.rank)
         # float32 masters: autocast lowers the precision of the arithmetic, never of the weights.
         self.raw_model = accelerate(model.to(device=self.device, dtype=torch.float32), self.device, mode="train")
-        self.eval_model: nn.Module = torch.compile(self.raw_model) if config.compile else self.raw_model
-        self.train_model: nn.Module = self.eval_model
-        if self.context.is_distributed:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.eval_model, device_ids=device_ids)
+        apply_activation_checkpointing(self.raw_model, config.activation_checkpointing)  # before compile/DDP/FSDP
+        if config.parallel == "fsdp" and not self.context.is_distributed:
+            raise ConfigError(f"train.parallel=fsdp needs a process group of 2 or more processes: {LAUNCH_HINT}")
+        # FSDP: sharded checkpoints (acornlm/train/sharded_checkpoint.py), set up before the model is sharded
+        self.sharded_checkpointer = (ShardedCheckpointer(self.raw_model, self.context, self.device,
+                                                         config.async_checkpoint)
+                                     if config.parallel == "fsdp" else None)
+        # DDP wraps, FSDP shards raw_model in place (acornlm/train/parallel.py); raw_model is what the optimizer steps
+        self.train_model, self.eval_model = parallelize(self.raw_model, config, self.context, self.device,
+                                                        self.precision)
         self.optimizer = build_optimizer(self.raw_model, config, self.device)
         self.scaler = self.precision.grad_scaler()
         self.resumed = resume_from is not None
@@ -210,19 +231,40 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm).item()
+        grad_norm = clip_grad_norm(self.raw_model.parameters(), max_norm)  # DTensor shards under FSDP
         # With a GradScaler an inf gradient is routine (it lowers the scale and skips by itself);
         # otherwise a non-finite loss or norm would poison the weights, so the step is skipped.
         bad = not math.isfinite(mean_loss) or (self.scaler is None and not math.isfinite(grad_norm))
         bad = any_rank(bad, self.device)  # every rank must take the same decision
         if self.scaler is not None:
+            scale_before = self.scaler.get_scale()
             if not bad:
-                self.scaler.step(self.optimizer)
-            self.scaler.update()
+                self.scaler.step(self.optimizer)  # skips optimizer.step() itself if a gradient is inf/NaN
+            self.scaler.update()  # such an overflow halves the scale; growth_interval clean steps double it
+            if not bad and self.scaler.get_scale() < scale_before:
+                bad = self._count_overflow(scale_before)
         elif not bad:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return mean_loss, grad_norm, bad
+
+    def _count_overflow(self, scale_before: float) -> bool:
+        """Count a step the fp16 GradScaler skipped (a gradient overflowed; it halved the loss scale).
+
+        While the scale stays >= MIN_ROUTINE_LOSS_SCALE this is routine: the scaler is still finding
+        the largest scale whose gradients fit fp16 (from its initial 65536 the first steps of a run
+        often overflow several times in a row, and every growth_interval steps it tries a doubled
+        scale), so the step counts in skipped_steps but not towards train.max_bad_steps. Below that,
+        the unscaled gradients themselves overflow fp16's range (65504): the run is diverging, and
+        the step is returned as bad, for _count_bad_step to count like a NaN loss.
+        """
+        scale = self.scaler.get_scale()
+        if scale < MIN_ROUTINE_LOSS_SCALE:
+            return True
+        self.progress.skipped_steps += 1
+        log(f"step {self.progress.step + 1}: fp16 gradient overflow, optimizer step skipped; "
+            f"loss scale {scale_before:g} -> {scale:g}", self.context)
+        return False
 
     def _count_bad_step(self, bad: bool) -> None:
         progress = self.progress
@@ -260,10 +302,16 @@ class Trainer:
         self.eval_model.eval()
         indices = range(self.context.rank, self.config.eval_batches, self.context.world_size)
         total = torch.zeros((), device=self.device)
-        for index in indices:
-            batch = move_to_device(self.batches.eval_batch(index), self.device)
+        # Under FSDP every forward pass is a collective (it all-gathers the weights), so every rank runs
+        # as many as the busiest one; the extra passes (on batch 0) are not counted.
+        passes = math.ceil(self.config.eval_batches / self.context.world_size) if self.sharded_checkpointer \
+            else len(indices)
+        for i in range(passes):
+            batch = move_to_device(self.batches.eval_batch(indices[i] if i < len(indices) else 0), self.device)
             with self.precision.autocast():
-                total += self.loss_fn(self.eval_model, batch).detach().float()
+                loss = self.loss_fn(self.eval_model, batch).detach().float()
+            if i < len(indices):
+                total += loss
         self.eval_model.train()
         count = torch.tensor(float(len(indices)), device=self.device)
         total, count = all_reduce_sum(torch.stack([total, count]))
@@ -283,7 +331,8 @@ class Trainer:
             **dataclasses.asdict(self.progress),
             "data_position": self.progress.step,  # batches are a pure function of the step
             "world_size": self.context.world_size,
-            "optimizer": self.optimizer.state_dict(),
+            "parallel": self.config.parallel if self.context.is_distributed else "none",
+            "optimizer": None if self.sharded_checkpointer else self.optimizer.state_dict(),  # FSDP: DCP shards
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": capture_rng_state(),
         }
@@ -303,6 +352,11 @@ class Trainer:
         is_best = val_loss is not None and math.isfinite(val_loss) and val_loss < self.progress.best_val_loss
         if is_best:
             self.progress.best_val_loss = val_loss
+        if self.sharded_checkpointer is not None:  # FSDP: every rank writes its shards
+            self.last_checkpoint = self.sharded_checkpointer.save(
+                self.run_dir, self.progress.step, self.raw_model, self.optimizer, self._train_state(),
+                self._checkpoint_info(val_loss), self.tokenizer_dir, self.write_model, is_best, self.config.keep_last)
+            return self.last_checkpoint
         path = checkpoints_root(self.run_dir) / checkpoint_name(self.progress.step)
         error: CheckpointError | None = None
         if self.context.is_main:
@@ -324,10 +378,25 @@ class Trainer:
         self.last_checkpoint = path
         return path
 
+    def finish_saving(self) -> None:
+        """Wait for a checkpoint still being written in the background (train.async_checkpoint) and commit it."""
+        if self.sharded_checkpointer is not None:
+            self.sharded_checkpointer.wait()
+
+    def _restore_optimizer(self, checkpoint: Path, saved: dict[str, Any] | None) -> None:
+        """Load the optimizer state of any checkpoint layout into this run's (sharded or not) optimizer."""
+        if is_sharded_checkpoint(checkpoint):  # written by FSDP: DCP reshards it to this run
+            load_sharded_optimizer_state(checkpoint, self.raw_model, self.optimizer)
+        elif self.sharded_checkpointer is not None:  # a DDP / single-process state into FSDP
+            self.sharded_checkpointer.load_unsharded_optimizer_state(
+                saved, self.raw_model, self.optimizer, lambda model: build_optimizer(model, self.config, self.device))
+        else:
+            self.optimizer.load_state_dict(saved)
+
     def _restore(self, checkpoint: Path) -> None:
         state = load_train_state(checkpoint)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._restore_optimizer(checkpoint, state["optimizer"])
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             for field in dataclasses.fields(Progress):
@@ -336,7 +405,9 @@ class Trainer:
             raise CheckpointError(
                 f"{checkpoint}/train_state.pt does not fit this run ({exc}); "
                 "resume with the model it was trained with, or start a new --out") from exc
-        if self.context.is_main:
+        if restore_rank_rng(checkpoint, self.context.rank, self.context.world_size, state["world_size"]):
+            pass  # an FSDP checkpoint of the same world size has every rank's generators
+        elif self.context.is_main:
             restore_rng_state(state["rng"])
         else:  # only rank 0's generators are saved; the others get a fresh seed per (rank, step)
             seed_everything(self.config.seed + self.context.rank + 1_000_003 * self.progress.step)
@@ -348,7 +419,12 @@ class Trainer:
     # --- the loop ---
 
     def _peak_flops(self) -> float:
-        """The measured matmul peak (for MFU), without disturbing the seeded random generators."""
+        """One device's peak FLOP/s for MFU: a known GPU's dense bf16 spec peak (acornlm/train/gpu_stats.py),
+        else the measured matmul peak, measured without disturbing the seeded random generators."""
+        if is_cuda(self.device):
+            spec = spec_bf16_flops(self.device)
+            if spec is not None:
+                return spec
         size = 4096 if self.device.type == "cuda" else 1024
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -358,16 +434,50 @@ class Trainer:
     def _is_due(self, interval: int) -> bool:
         return interval > 0 and self.progress.step % interval == 0
 
+    def _agreed_stop_signal(self) -> signal.Signals | None:
+        """The signal that stops the run (acornlm/train/signals.py), the same on every rank; None: go on.
+
+        Each rank offers the number of the signal it caught (0: none) and all take the largest.
+        torchrun forwards a signal to every worker, but not at the same instant, and a signal sent
+        to one rank alone must stop the others too, or they would wait for it in the next collective.
+        """
+        caught = requested_stop()
+        number = max_over_ranks(int(caught) if caught is not None else 0, self.device)
+        return signal.Signals(number) if number else None
+
+    def _stop_for_signal(self, received: signal.Signals, saved_step: int) -> None:
+        """Save the step just finished (unless it is on disk already) and say how to continue.
+
+        No extra evaluation: the grace period after SIGTERM is short (2 min on a reclaimed spot
+        instance, 30 s under torchrun unless --shutdown-timeout says otherwise), and an extra
+        validation loss would make the resumed run differ from an uninterrupted one (one more
+        metrics line, a `best` pointer that could move). For the same reason the checkpoint is
+        saved without a validation loss.
+        """
+        step = self.progress.step
+        if step != saved_step:
+            self.save(None)
+        where = (f"checkpoint {self.last_checkpoint}" if self.last_checkpoint is not None
+                 else "no checkpoint (no step was trained yet)")
+        log(f"stopped by {received.name} at step {step}; {where}; continue with --resume auto", self.context)
+
     def fit(self) -> dict[str, Any]:
-        """Train until train.max_steps (or the time budget); returns a summary of the run."""
+        """Train until train.max_steps (or the time budget, or a stop signal); returns a summary of the run.
+
+        Under acornlm.train.signals.StopOnSignal, a SIGINT or SIGTERM ends the run between two steps
+        with a checkpoint; the summary's `stopped_by_signal` then names the signal ("SIGTERM").
+        """
         config, progress = self.config, self.progress
         metrics = None
         if self.context.is_main:
             metrics = MetricsLog(self.run_dir, progress.step if self.resumed else None, config.tensorboard,
-                                 config.wandb, {"train": dataclasses.asdict(config), **self.checkpoint_info})
+                                 config.wandb, {"train": dataclasses.asdict(config), **self.checkpoint_info},
+                                 swanlab=config.swanlab)
         meter = Throughput(self.raw_model.flops_per_token(config.seq_len),
-                           self._peak_flops() * self.context.world_size, progress.elapsed_s)
+                           self._peak_flops() * self.context.world_size, progress.elapsed_s, device=self.device)
         stopped_early = False
+        stopped_by: signal.Signals | None = None  # SIGINT/SIGTERM under acornlm.train.signals.StopOnSignal
+        saved_step = progress.step  # on disk already: the resumed checkpoint (a fresh run has nothing at 0)
         bar = tqdm(total=config.max_steps, initial=progress.step, unit="step", dynamic_ncols=True,
                    disable=not (config.progress and self.context.is_main), desc="train")
         try:
@@ -375,6 +485,10 @@ class Trainer:
                 log(f"already at step {progress.step} (train.max_steps={config.max_steps}); "
                     "raise --train.max_steps to train longer", self.context)
             while progress.step < config.max_steps:
+                stopped_by = self._agreed_stop_signal()  # checked between steps: a stop finishes the step
+                if stopped_by is not None:
+                    self._stop_for_signal(stopped_by, saved_step)
+                    break
                 record, ends_run, out_of_time = self._step_and_record(meter)
                 timing = meter.window_stats()
                 if metrics is not None and (self._is_due(config.log_interval) or "val_loss" in record or ends_run):
@@ -386,6 +500,7 @@ class Trainer:
                 self._check_divergence()
                 if self._is_due(config.save_interval) or ends_run:
                     self.save(record.get("val_loss"))
+                    saved_step = progress.step
                 if out_of_time and progress.step < config.max_steps:
                     stopped_early = True
                     log(f"time budget of train.max_minutes={config.max_minutes} reached at step "
@@ -395,9 +510,10 @@ class Trainer:
             bar.close()
             if metrics is not None:
                 metrics.close()
+        self.finish_saving()  # an async checkpoint is renamed into place only once fully written
         if self.context.is_main:
             plot_loss_curve(read_metrics(self.run_dir / METRICS_FILE), self.run_dir / LOSS_CURVE_FILE)
-        return self._summary(meter, stopped_early)
+        return self._summary(meter, stopped_early) | {"stopped_by_signal": stopped_by.name if stopped_by else None}
 
     def _step_and_record(self, meter: Throughput) -> tuple[dict[str, Any], bool, bool]:
         """One optimizer step at the scheduled learning rate, plus evaluation when it is due.
@@ -408,8 +524,8 @@ class Trainer:
         config, progress = self.config, self.progress
         lr = learning_rate_at(progress.step, config.learning_rate, config.min_lr, config.warmup_steps,
                               config.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # Muon's matrices peak at train.muon_lr: lr_scale
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         started = time.perf_counter()
         loss, grad_norm, bad = self._train_step(progress.step)
         meter.add(self.batches.tokens_per_step, time.perf_counter() - started)
@@ -429,6 +545,8 @@ class Trainer:
         }
         if self.last_aux_loss is not None:  # MoE load balance: 1 = perfectly even, E = one expert takes all
             record["aux_loss"] = self.last_aux_loss
+        if self.scaler is not None:  # fp16: the GradScaler's loss scale after this step
+            record["loss_scale"] = self.scaler.get_scale()
         if not diverged and (self._is_due(config.eval_interval) or last):
             record.update(self.evaluate())
             progress.last_val_loss = record["val_loss"]
@@ -467,15 +585,20 @@ class Throughput:
 
     Only the time spent in training steps counts, not evaluation or checkpoint saving.
     MFU (PaLM appendix B) = flops_per_token x tokens/s / peak FLOP/s of all devices.
+    On a CUDA `device` a window also reports this rank's peak GPU memory (acornlm/train/gpu_stats.py).
     """
 
-    def __init__(self, flops_per_token: float, peak_flops: float, elapsed_before_s: float) -> None:
+    def __init__(self, flops_per_token: float, peak_flops: float, elapsed_before_s: float,
+                 device: torch.device | None = None) -> None:
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.elapsed_before_s = elapsed_before_s  # earlier invocations of a resumed run
         self.started = time.perf_counter()
         self.run_tokens, self.run_time = 0, 0.0
         self.window_tokens, self.window_time = 0, 0.0
+        self.cuda_device = device if is_cuda(device) else None
+        if self.cuda_device is not None:
+            reset_peak_memory(self.cuda_device)
 
     def add(self, tokens: int, seconds: float) -> None:
         self.run_tokens += tokens
@@ -485,6 +608,8 @@ class Throughput:
 
     def reset_window(self) -> None:
         self.window_tokens, self.window_time = 0, 0.0
+        if self.cuda_device is not None:
+            reset_peak_memory(self.cuda_device)
 
     def tokens_per_s(self) -> float:
         return self.window_tokens / self.window_time if self.window_time else 0.0
@@ -505,5 +630,9 @@ class Throughput:
         return self.elapsed_before_s + self.run_wall_s()
 
     def window_stats(self) -> dict[str, float]:
-        """The timing fields of a metrics line (the ones a resumed run cannot reproduce)."""
-        return {"tokens_per_s": self.tokens_per_s(), "mfu": self.mfu(), "elapsed_s": self.elapsed_s()}
+        """The timing fields of a metrics line (the ones a resumed run cannot reproduce), and on a GPU
+        the window's peak memory."""
+        stats = {"tokens_per_s": self.tokens_per_s(), "mfu": self.mfu(), "elapsed_s": self.elapsed_s()}
+        if self.cuda_device is not None:
+            stats |= peak_memory(self.cuda_device)
+        return stats
