@@ -31,7 +31,6 @@ import functools
 import json
 import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import time
@@ -39,21 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def rss_mb() -> float:
-    """Current resident memory of this process in MiB (Linux /proc; 0 elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 if sys.platform != "darwin" else peak / 2**20  # KiB on Linux, bytes on macOS
+from memory_probe import peak_rss_mb, rss_mb  # noqa: E402
 
 
 def op_level_policy():

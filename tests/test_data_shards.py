@@ -88,6 +88,14 @@ def crash_after_commits(monkeypatch, commits: int, error: BaseException, before_
     monkeypatch.setattr(prepare_module, "write_progress", write_then_crash)
 
 
+def interrupted_prepare(monkeypatch, commits: int, corpus, tokenizer_dir, out) -> None:
+    """A `prepare` into `out` that a Ctrl-C stops after `commits` shards closed (the patch is then undone)."""
+    crash_after_commits(monkeypatch, commits, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus, tokenizer_dir, out)
+    monkeypatch.undo()
+
+
 # --- shards and index ---
 
 
@@ -309,10 +317,7 @@ def test_kill_9_then_the_same_command_gives_the_same_bytes(tmp_path, bpe_dir, co
 def test_resume_of_other_inputs_or_tokenizer_is_refused(tmp_path, bpe_dir, corpus, monkeypatch):
     prepare(corpus, bpe_dir, tmp_path / "one-shot")
     out = tmp_path / "out"
-    crash_after_commits(monkeypatch, 2, KeyboardInterrupt())
-    with pytest.raises(KeyboardInterrupt):
-        prepare(corpus, bpe_dir, out)
-    monkeypatch.undo()
+    interrupted_prepare(monkeypatch, 2, corpus, bpe_dir, out)
     other_tokenizer = tmp_path / "other-bpe"
     train_tokenizer(DOCS, kind="bpe", vocab_size=280).save(other_tokenizer)
     with pytest.raises(DataError, match=r"holds an interrupted run of other inputs or options \(tokenizer: .*"
@@ -333,10 +338,7 @@ def test_resume_of_other_inputs_or_tokenizer_is_refused(tmp_path, bpe_dir, corpu
 
 def test_corrupt_finished_shard_is_named_on_resume(tmp_path, bpe_dir, corpus, monkeypatch):
     out = tmp_path / "out"
-    crash_after_commits(monkeypatch, 3, KeyboardInterrupt())
-    with pytest.raises(KeyboardInterrupt):
-        prepare(corpus, bpe_dir, out)
-    monkeypatch.undo()
+    interrupted_prepare(monkeypatch, 3, corpus, bpe_dir, out)
     shard = out / "train-00000.bin"
     data = bytearray(shard.read_bytes())
     data[0] ^= 1
