@@ -683,12 +683,15 @@ def advice(plan: RunPlan) -> list[str]:
                      f"(--train.batch_size {chosen['suggested_batch_size']} "
                      f"--train.grad_accum_steps {chosen['suggested_grad_accum_steps']})")
         return lines
-    single = plan_memory(c, train, device, world, batch_size=1).total
-    lines[0] = (f"needs {format_bytes(chosen['peak_memory_bytes'])} per rank at batch_size {train.batch_size}, "
-                f"and {format_bytes(single)} even at batch_size 1: {format_bytes(single - usable_bytes(device))} "
-                f"more than the {format_bytes(usable_bytes(device))} usable on {device.name}")
+    if train.batch_size > 1:
+        single = plan_memory(c, train, device, world, batch_size=1).total
+        lines[0] = (f"needs {format_bytes(chosen['peak_memory_bytes'])} per rank at batch_size {train.batch_size}, "
+                    f"and {format_bytes(single)} even at batch_size 1: {format_bytes(single - usable_bytes(device))} "
+                    f"more than the {format_bytes(usable_bytes(device))} usable on {device.name}")
     for option in plan.options:
-        if option["largest_micro_batch"] >= 1 and not option["chosen"]:
+        # on one rank the fsdp rows equal the ddp rows (nothing to shard): suggest only the latter
+        same_as_ddp = world == 1 and option["parallel"] == "fsdp"
+        if option["largest_micro_batch"] >= 1 and not option["chosen"] and not same_as_ddp:
             lines.append(f"fits with --train.parallel {option['parallel']} --train.activation_checkpointing "
                          f"{option['activation_checkpointing']} (largest batch_size {option['largest_micro_batch']})")
     ranks = {mode: fsdp_ranks_needed(c, train, device, mode) for mode in ("none", "full")}
