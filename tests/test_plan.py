@@ -9,6 +9,8 @@ import ctypes.util
 import dataclasses
 import gc
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from acornlm.cli import main
 from acornlm.errors import ConfigError
 from acornlm.model import ModelConfig, Transformer
 from acornlm.presets import load_preset
+from acornlm.train import devices
 from acornlm.train import plan as P
 from acornlm.train.config import TrainConfig
 from acornlm.train.devices import DeviceSpec, GiB, device_spec, gpu_spec_for
@@ -319,3 +322,16 @@ def test_planned_peak_matches_the_measured_live_peak(mode):
             step(model, optimizer)
     planned = P.plan_memory(config, train, CPU).total
     assert abs(planned / peak - 1) <= 0.15, (planned, peak)
+
+
+def test_this_cpu_is_planned_without_psutil_and_a_missing_memory_size_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "psutil", None)  # `import psutil` would fail: it is not a dependency
+    spec = devices.device_spec("cpu")
+    assert spec.kind == "cpu" and spec.memory_bytes == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    def no_sysconf(name):
+        raise ValueError(name)
+
+    monkeypatch.setattr(devices.os, "sysconf", no_sysconf)
+    with pytest.raises(ConfigError, match="cannot read this machine's memory size; name the device"):
+        devices.physical_memory_bytes()

@@ -52,13 +52,12 @@ from acornlm.data.shards import (
     describe_difference,
     disk_full_message,
     input_fingerprint,
-    is_disk_full,
     read_progress,
     verify_shards,
     write_progress,
 )
 from acornlm.errors import ConfigError, DataError
-from acornlm.files import atomic_path, atomic_write_json
+from acornlm.files import atomic_path, atomic_write_json, is_out_of_space
 from acornlm.tokenizer import load_tokenizer
 from acornlm.version import __version__
 
@@ -118,7 +117,7 @@ def prepare_data(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out: s
             save_tokenizer_copy(tokenizer, out / TOKENIZER_SUBDIR)
             atomic_write_json(out / META_FILE, meta)  # written last: its presence means the folder is complete
         except OSError as exc:
-            if is_disk_full(exc):
+            if is_out_of_space(exc):
                 raise disk_full_message(out, exc, writers) from exc
             raise
         (out / PROGRESS_FILE).unlink(missing_ok=True)
@@ -161,7 +160,7 @@ def write_shards(out: Path, fingerprint: dict[str, Any], writers: dict[str, Shar
         if keep and isinstance(exc, KeyboardInterrupt):
             print(f"interrupted: the finished shards and {PROGRESS_FILE} are kept in {out}; "
                   f"run the same command again to resume", file=sys.stderr)
-        if is_disk_full(exc):
+        if is_out_of_space(exc):
             raise disk_full_message(out, exc, writers) from exc
         raise
     return done_tokens, done_bytes

@@ -20,7 +20,6 @@ a resumed run writes the same bytes as a run that never stopped.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -48,10 +47,6 @@ def shard_name(split: str, index: int) -> str:
 
 
 SHARD_PATTERN = re.compile(r"^(train|val)-\d{5}\.bin$")
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class ShardWriter:

@@ -12,7 +12,6 @@ plain Python values, so it loads with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 import re
@@ -26,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 
 from acornlm.errors import CheckpointError, DiskFullError
-from acornlm.files import atomic_write_text
+from acornlm.files import DISK_FULL_ERRNOS, atomic_write_text
 from acornlm.model import Transformer
 from acornlm.model.checkpoint import (
     CONFIG_FILE,
@@ -151,30 +150,38 @@ def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, train_st
         tmp.mkdir()
         write_model(tmp, model, info=info, tokenizer_dir=tokenizer_dir)
         torch.save(train_state, tmp / TRAIN_STATE_FILE)
-        fsync_tree(tmp)
-        if final.exists():  # left by a run that died before moving `latest`; this one replaces it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        atomic_write_text(root / LATEST_FILE, name + "\n")
+        commit_checkpoint(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(exc):
             raise DiskFullError(disk_full_message(root, name, previous, exc)) from exc
         if isinstance(exc, OSError):
-            kept = f"the previous checkpoint {previous} and" if previous else "no earlier checkpoint exists;"
-            raise CheckpointError(
-                f"could not save checkpoint {final}: {exc}. Nothing was half-written: {kept} "
-                f"{root / LATEST_FILE} are intact. Free disk space (or fix permissions) and resume with --resume"
-            ) from exc
+            raise CheckpointError(save_failed_message(final, previous, exc)) from exc
         raise
     return final
+
+
+def commit_checkpoint(temporary: Path, final: Path) -> None:
+    """fsync `temporary` (recursively), rename it to `final` and point `latest` at it: the one step
+    that makes a checkpoint exist, shared by single-process and sharded (FSDP) saves."""
+    fsync_tree(temporary)
+    if final.exists():  # left by a run that died before moving `latest`; this one replaces it
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    fsync_dir(final.parent)
+    atomic_write_text(final.parent / LATEST_FILE, final.name + "\n")
+
+
+def save_failed_message(final: Path, previous: Path | None, exc: BaseException) -> str:
+    """One line for a save that failed (not for a full disk): what is kept and what to do."""
+    kept = f"the previous checkpoint {previous} and" if previous else "no earlier checkpoint exists;"
+    return (f"could not save checkpoint {final}: {exc}. Nothing was half-written: {kept} "
+            f"{final.parent / LATEST_FILE} are intact. Free disk space (or fix permissions) and resume with --resume")
 
 
 # Errors that mean "no space left" although they are no OSError: torch.save's zip writer checks
 # its position after each write ("unexpected pos N vs M") or reports "file write failed";
 # safetensors and tokenizers (Rust) put the OS error into their message.
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed")
 RUST_DISK_FULL = ("os error 28)", "os error 122)", "No space left on device", "Disk quota exceeded")
 

@@ -17,8 +17,11 @@ since acornlm trains in fp32 on a CPU; see acornlm/train/mfu.py).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, replace
+
+import torch
 
 from acornlm.errors import ConfigError
 from acornlm.train.mfu import measure_matmul_peak
@@ -164,17 +167,22 @@ def gpu_spec_for(cuda_device_name: str) -> DeviceSpec | None:
 
 
 def cpu_spec() -> DeviceSpec:
-    """This machine's CPU: total RAM (psutil) and the measured fp32 matmul peak (acornlm.train.mfu)."""
-    import psutil
+    """This machine's CPU: total RAM and the measured fp32 matmul peak (acornlm.train.mfu)."""
+    return DeviceSpec("cpu", physical_memory_bytes(), measure_matmul_peak("cpu"), 0.0, kind="cpu")
 
-    return DeviceSpec("cpu", int(psutil.virtual_memory().total), measure_matmul_peak("cpu"), 0.0, kind="cpu")
+
+def physical_memory_bytes() -> int:
+    """Total RAM from the OS (pages x page size; Linux and macOS), without a psutil dependency."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError) as exc:  # no sysconf (Windows): name the device instead
+        raise ConfigError("cannot read this machine's memory size; name the device, e.g. --device cuda:24GB "
+                          "or --device rtx4090") from exc
 
 
 def this_machine() -> DeviceSpec:
     """The device a plain `acornlm train pretrain` would use: the first GPU when CUDA is available
     (its real memory; the bf16 peak from the table, else GENERIC_GPU_FLOPS), otherwise the CPU."""
-    import torch
-
     if not torch.cuda.is_available():
         return cpu_spec()
     props = torch.cuda.get_device_properties(0)

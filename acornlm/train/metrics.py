@@ -7,14 +7,13 @@ deterministic function of the run, so a resumed run's file matches an uninterrup
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 from acornlm.errors import CheckpointError, ConfigError, DiskFullError
-from acornlm.files import atomic_write_text
+from acornlm.files import atomic_write_text, is_out_of_space
 from acornlm.train.gpu_stats import GPU_MEMORY_FIELDS
 
 METRICS_FILE = "metrics.jsonl"
@@ -108,7 +107,7 @@ class MetricsLog:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()  # a killed run keeps every line it logged
         except OSError as exc:  # a full disk between checkpoints: one clear line, not a traceback
-            error = DiskFullError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else CheckpointError
+            error = DiskFullError if is_out_of_space(exc) else CheckpointError
             raise error(f"could not append to {self.path} ({exc.strerror or exc}); the checkpoints written so far "
                         "are intact: free space (or fix permissions), then rerun with --resume") from exc
         step = record["step"]

@@ -56,21 +56,20 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from acornlm.errors import CheckpointError, DiskFullError
-from acornlm.files import atomic_write_text
 from acornlm.model.checkpoint import LATEST_FILE, TRAIN_STATE_FILE
 from acornlm.train.checkpointing import (
     TEMP_PREFIX,
     capture_rng_state,
     checkpoint_name,
     checkpoints_root,
+    commit_checkpoint,
     disk_full_message,
-    fsync_dir,
-    fsync_tree,
     is_disk_full,
     mark_best,
     prune_checkpoints,
     read_pointer,
     restore_rng_state,
+    save_failed_message,
 )
 from acornlm.train.distributed import DistributedContext, any_rank, broadcast_flag
 
@@ -284,11 +283,7 @@ class ShardedCheckpointer:
             raise CheckpointError(f"another rank could not write its part of checkpoint {root / name}; its error "
                                   f"message says why. The previous checkpoint and {root / LATEST_FILE} are intact")
         if isinstance(cause, (OSError, CheckpointError, RuntimeError)):
-            kept = f"the previous checkpoint {previous} and" if previous else "no earlier checkpoint exists;"
-            raise CheckpointError(
-                f"could not save checkpoint {root / name}: {cause}. Nothing was half-written: {kept} "
-                f"{root / LATEST_FILE} are intact. Free disk space (or fix permissions) and resume with --resume"
-            ) from error
+            raise CheckpointError(save_failed_message(root / name, previous, cause)) from error
         raise error
 
     # --- restoring ---
@@ -310,16 +305,6 @@ class ShardedCheckpointer:
             set_optimizer_state_dict(model, optimizers_of(optimizer), full, options=options)
         finally:
             move_tensors(self.skeleton, "meta")
-
-
-def commit_checkpoint(temporary: Path, final: Path) -> None:
-    """fsync `temporary` (recursively), rename it to `final` and point `latest` at it."""
-    fsync_tree(temporary)
-    if final.exists():  # left by a run that died before moving `latest`; this one replaces it
-        shutil.rmtree(final)
-    os.replace(temporary, final)
-    fsync_dir(final.parent)
-    atomic_write_text(final.parent / LATEST_FILE, final.name + "\n")
 
 
 def load_sharded_optimizer_state(checkpoint: Path, model: nn.Module, optimizer: Any) -> None:

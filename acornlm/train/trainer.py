@@ -405,12 +405,13 @@ class Trainer:
             raise CheckpointError(
                 f"{checkpoint}/train_state.pt does not fit this run ({exc}); "
                 "resume with the model it was trained with, or start a new --out") from exc
-        if restore_rank_rng(checkpoint, self.context.rank, self.context.world_size, state["world_size"]):
-            pass  # an FSDP checkpoint of the same world size has every rank's generators
-        elif self.context.is_main:
-            restore_rng_state(state["rng"])
-        else:  # only rank 0's generators are saved; the others get a fresh seed per (rank, step)
-            seed_everything(self.config.seed + self.context.rank + 1_000_003 * self.progress.step)
+        # An FSDP checkpoint of the same world size has every rank's generators; otherwise only rank 0's
+        # are saved, and the other ranks get a fresh seed per (rank, step).
+        if not restore_rank_rng(checkpoint, self.context.rank, self.context.world_size, state["world_size"]):
+            if self.context.is_main:
+                restore_rng_state(state["rng"])
+            else:
+                seed_everything(self.config.seed + self.context.rank + 1_000_003 * self.progress.step)
         self.last_checkpoint = checkpoint
         if state["world_size"] != self.context.world_size:
             log(f"resuming a {state['world_size']}-process run on {self.context.world_size}: the global step "
